@@ -1,0 +1,1 @@
+//! Netport wire protocol (sans-I/O).
