@@ -1,4 +1,4 @@
-#![allow(clippy::print_stdout, clippy::unwrap_used)] // a developer tool
+#![allow(clippy::unwrap_used)] // a developer tool
 fn main() {
     let dir = std::env::args().nth(1).unwrap();
     let r = netport_policy::load(std::path::Path::new(&dir)).unwrap();

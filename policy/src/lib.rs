@@ -9,6 +9,8 @@
 //! [`load_dir`], which reads the directory it is given; [`check`] takes file contents, so the
 //! daemon's reload pipeline, `netportd check` and the fuzzers all run the same code.
 
+#![warn(clippy::print_stdout, clippy::print_stderr)]
+
 mod addr;
 mod check;
 mod compiled;
