@@ -261,10 +261,18 @@ fn clamp(content: &str, span: Range<usize>) -> Range<usize> {
     start..end
 }
 
+/// The rendering settings: rustc's look (`-->`, `|`, `^`), in plain ASCII.
+pub fn term_config() -> codespan_reporting::term::Config {
+    codespan_reporting::term::Config {
+        chars: codespan_reporting::term::Chars::ascii(),
+        ..Default::default()
+    }
+}
+
 /// Renders diagnostics as plain text in rustc's style (no colours).
 pub fn render_plain(sources: &[SourceFile], diags: &[Diagnostic]) -> String {
     let (files, list) = to_codespan(sources, diags);
-    let config = codespan_reporting::term::Config::default();
+    let config = term_config();
     let mut out = String::new();
     for d in &list {
         if let Ok(s) = codespan_reporting::term::emit_into_string(&config, &files, d) {

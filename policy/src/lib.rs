@@ -26,7 +26,9 @@ pub use compiled::{
     AccessRule, Expect, Origin, Policy, PolicyTest, Portal, Protocol, Relay, Revocation, Service,
 };
 pub use decide::{Denied, DenyReason, Explanation, Permit, Request, Verdict};
-pub use diag::{Code, Diagnostic, Label, Location, Severity, locate, render_plain, to_codespan};
+pub use diag::{
+    Code, Diagnostic, Label, Location, Severity, locate, render_plain, term_config, to_codespan,
+};
 pub use diff::{Grant, PolicyDiff, RelayChange, diff};
 pub use schema::SCHEMA;
 pub use source::{LoadError, SourceFile, load_dir};

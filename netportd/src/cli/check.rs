@@ -60,7 +60,7 @@ pub fn run(args: Args, color: Color) -> u8 {
 pub fn emit_text(report: &Report, color: Color, fallback: &mut dyn Write, stderr: bool) {
     let choice = super::color_choice(color);
     let (files, list) = netport_policy::to_codespan(&report.sources, &report.diagnostics);
-    let config = term::Config::default();
+    let config = netport_policy::term_config();
     if matches!(choice, term::termcolor::ColorChoice::Never) {
         let _ = fallback.write_all(report.render_plain().as_bytes());
         return;

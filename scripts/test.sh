@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace. Installs what the tests need first, so it works on a fresh
+# machine. Snapshot tests never rewrite snapshots here: a changed snapshot fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+export INSTA_UPDATE=no CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+command -v cargo >/dev/null || { echo "error: cargo not found; install Rust from rustup" >&2; exit 2; }
+
+# One debug build serves every test binary, the CLI tests and the examples check.
+cargo build --workspace --all-targets --locked
+cargo test --workspace --locked --no-fail-fast
