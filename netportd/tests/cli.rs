@@ -93,7 +93,10 @@ fn errors_exit_one_with_rustc_style_text() {
     let out = netportd(&["check", path(dir.path())]);
     assert_eq!(out.status.code(), Some(1));
     let text = stdout(&out);
-    assert!(text.contains("error[E0007]: duplicate portal name `bob-phone`"), "{text}");
+    assert!(
+        text.contains("error[E0007]: duplicate portal name `bob-phone`"),
+        "{text}"
+    );
     let dup = format!("--> {}:2:8", dir.path().join("dup.toml").display());
     assert!(text.contains(&dup), "expected {dup} in {text}");
     assert!(text.contains("2 | name = \"bob-phone\""), "{text}");
@@ -195,7 +198,13 @@ fn warnings_pass_unless_denied() {
     assert!(stdout(&out).contains("warning[W0004]"));
     let out = netportd(&["check", "--deny-warnings", path(dir.path())]);
     assert_eq!(out.status.code(), Some(1));
-    let out = netportd(&["check", "--deny-warnings", "--format", "github", path(dir.path())]);
+    let out = netportd(&[
+        "check",
+        "--deny-warnings",
+        "--format",
+        "github",
+        path(dir.path()),
+    ]);
     assert!(stdout(&out).contains("::warning file="), "{}", stdout(&out));
 }
 
@@ -203,7 +212,9 @@ fn warnings_pass_unless_denied() {
 fn usage_and_io_errors_exit_two() {
     let out = netportd(&["check", "/nonexistent/netport-policy"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/netport-policy"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/netport-policy")
+    );
     let out = netportd(&["check"]);
     assert_eq!(out.status.code(), Some(2));
     let out = netportd(&["check", "--format", "yaml", "."]);
@@ -240,7 +251,11 @@ fn hidden_entries_are_skipped_and_subdirectories_read() {
     .expect("write");
     let out = netportd(&["check", path(dir.path())]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
-    assert!(stdout(&out).contains("(3 files, 4 portals"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("(3 files, 4 portals"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[test]
@@ -257,7 +272,11 @@ fn symlinked_files_and_configmap_layout_are_read_once() {
     }
     let out = netportd(&["check", path(dir.path())]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
-    assert!(stdout(&out).contains("(2 files, 3 portals"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("(2 files, 3 portals"),
+        "{}",
+        stdout(&out)
+    );
 
     // A symlinked policy directory (git-sync's `policy -> rev-<sha>`) is followed too.
     let link = dir.path().join("current");
@@ -289,14 +308,31 @@ fn explain_allow_and_deny() {
     let dir = tempfile::tempdir().expect("tempdir");
     valid_policy(dir.path());
     let d = path(dir.path());
-    let out = netportd(&["explain", d, "--from", "alice-laptop", "--service", "nas-ssh"]);
+    let out = netportd(&[
+        "explain",
+        d,
+        "--from",
+        "alice-laptop",
+        "--service",
+        "nas-ssh",
+    ]);
     assert_eq!(out.status.code(), Some(0));
     let text = stdout(&out);
-    assert!(text.starts_with("allow: access rule `devs-ssh-to-nas`"), "{text}");
+    assert!(
+        text.starts_with("allow: access rule `devs-ssh-to-nas`"),
+        "{text}"
+    );
     assert_eq!(text.lines().count(), 1);
 
     let out = netportd(&[
-        "explain", d, "--from", "alice-laptop", "--service", "nas-ssh", "--format", "json",
+        "explain",
+        d,
+        "--from",
+        "alice-laptop",
+        "--service",
+        "nas-ssh",
+        "--format",
+        "json",
     ]);
     let v: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["verdict"], "allow");
@@ -308,7 +344,14 @@ fn explain_allow_and_deny() {
     assert_eq!(v["relays"], serde_json::json!(["relay-eu-1"]));
 
     let out = netportd(&[
-        "explain", d, "--from", "bob-phone", "--service", "nas-ssh", "--format", "json",
+        "explain",
+        d,
+        "--from",
+        "bob-phone",
+        "--service",
+        "nas-ssh",
+        "--format",
+        "json",
     ]);
     assert_eq!(out.status.code(), Some(0));
     let v: Value = serde_json::from_slice(&out.stdout).expect("json");
@@ -319,14 +362,26 @@ fn explain_allow_and_deny() {
     assert_eq!(v["closest"], "devs-ssh-to-nas");
 
     let out = netportd(&[
-        "explain", d, "--from", "mallory", "--service", "nas-ssh", "--format", "json", "--exit-code",
+        "explain",
+        d,
+        "--from",
+        "mallory",
+        "--service",
+        "nas-ssh",
+        "--format",
+        "json",
+        "--exit-code",
     ]);
     assert_eq!(out.status.code(), Some(1));
     let v: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["reason"], "unknown-portal");
 
     let out = netportd(&["explain", d, "--from", "bob-phone", "--service", "nope"]);
-    assert!(stdout(&out).starts_with("deny (unknown-service)"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).starts_with("deny (unknown-service)"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[test]
@@ -346,12 +401,18 @@ fn diff_lists_grants_relays_and_revocations() {
     let new = tempfile::tempdir().expect("tempdir");
     valid_policy(new.path());
     let rest = REST
-        .replace("from = [\"tag:dev\"]", "from = [\"tag:dev\", \"bob-phone\"]")
+        .replace(
+            "from = [\"tag:dev\"]",
+            "from = [\"tag:dev\", \"bob-phone\"]",
+        )
         .replace("40000-40999", "41000-41999");
     fs::write(new.path().join("rest.toml"), rest).expect("write");
     fs::write(
         new.path().join("revoked.toml"),
-        format!("[[revoked]]\nspki_sha256 = \"{}\"\nreason = \"lost\"\n", "ab".repeat(32)),
+        format!(
+            "[[revoked]]\nspki_sha256 = \"{}\"\nreason = \"lost\"\n",
+            "ab".repeat(32)
+        ),
     )
     .expect("write");
     // The old test now fails (bob is allowed): drop it from the new policy.
@@ -364,11 +425,16 @@ fn diff_lists_grants_relays_and_revocations() {
     assert_eq!(out.status.code(), Some(0));
     let text = stdout(&out);
     assert!(
-        text.contains("+ grant   bob-phone listens on 127.0.0.1:2222 for nas-ssh -> 192.168.1.10:22"),
+        text.contains(
+            "+ grant   bob-phone listens on 127.0.0.1:2222 for nas-ssh -> 192.168.1.10:22"
+        ),
         "{text}"
     );
     assert!(text.contains("~ relay   relay-eu-1"), "{text}");
-    assert!(text.contains(&format!("+ revoked {}", "ab".repeat(32))), "{text}");
+    assert!(
+        text.contains(&format!("+ revoked {}", "ab".repeat(32))),
+        "{text}"
+    );
 
     let out = netportd(&["diff", o, n, "--format", "json", "--exit-code"]);
     assert_eq!(out.status.code(), Some(1));
@@ -414,5 +480,8 @@ fn every_example_policy_passes_check() {
             stdout(&out)
         );
     }
-    assert!(count >= 3, "expected at least three example policies, found {count}");
+    assert!(
+        count >= 3,
+        "expected at least three example policies, found {count}"
+    );
 }

@@ -186,6 +186,8 @@ pub const DEFAULT_RELAY_PORTS: (u16, u16) = (40000, 40999);
 struct Ctx<'s> {
     sources: &'s [SourceFile],
     trees: Vec<Option<Node>>,
+    /// Byte offsets of line starts, per file: `origin` is called for every definition.
+    lines: Vec<Vec<usize>>,
     diags: Vec<Diagnostic>,
     /// Kinds with a definition that failed to parse: references to them are not reported as
     /// unknown, since the broken definition may be the one they mean.
@@ -232,10 +234,13 @@ impl Ctx<'_> {
     }
 
     fn origin(&self, file: usize, span: &Range<usize>) -> Origin {
-        let loc = diag::locate(self.sources, file, span.start);
+        let line = match self.lines[file].binary_search(&span.start) {
+            Ok(i) => i + 1,
+            Err(i) => i,
+        };
         Origin {
-            file: loc.file,
-            line: loc.line,
+            file: self.sources[file].path.clone(),
+            line,
         }
     }
 
@@ -267,6 +272,14 @@ pub fn check(sources: Vec<SourceFile>) -> Report {
     let mut ctx = Ctx {
         sources: &sources,
         trees: Vec::with_capacity(sources.len()),
+        lines: sources
+            .iter()
+            .map(|s| {
+                std::iter::once(0)
+                    .chain(s.content.match_indices('\n').map(|(i, _)| i + 1))
+                    .collect()
+            })
+            .collect(),
         diags: Vec::new(),
         poisoned: HashSet::new(),
     };
@@ -528,8 +541,8 @@ fn semantic(ctx: &mut Ctx<'_>, parsed: Parsed) -> Option<Policy> {
     // Relays.
     let mut relay_out = Vec::with_capacity(relays.len());
     let mut relay_tags: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    // address -> (first, last, file, span of `ports`, relay name)
-    type RangeAt = (u16, u16, usize, Range<usize>, String);
+    // address -> (first, last, file, span of `ports` or the name, relay name, label)
+    type RangeAt = (u16, u16, usize, Range<usize>, String, &'static str);
     let mut ranges: BTreeMap<String, Vec<RangeAt>> = BTreeMap::new();
     for (i, item) in relays.iter().enumerate() {
         let r = &item.v;
@@ -537,12 +550,14 @@ fn semantic(ctx: &mut Ctx<'_>, parsed: Parsed) -> Option<Policy> {
         if let Err(e) = addr::check_relay_host(&r.address) {
             ctx.addr_error(e, "relay address", item.file, addr_span);
         }
-        let (first, last) = match &r.ports {
-            None => DEFAULT_RELAY_PORTS,
+        // A range that does not parse is reported and kept out of the overlap check; the
+        // relay still compiles (with the default) so its references resolve.
+        let (first, last, ports_ok) = match &r.ports {
+            None => (DEFAULT_RELAY_PORTS.0, DEFAULT_RELAY_PORTS.1, true),
             Some(ports) => {
                 let span = ctx.field(Kind::Relay, item, "ports");
                 match addr::parse_range(ports) {
-                    Ok(range) => range,
+                    Ok((a, b)) => (a, b, true),
                     Err(e) => {
                         let (code, msg) = match e {
                             AddrError::Malformed(m) => (Code::BadPortRange, m),
@@ -555,17 +570,21 @@ fn semantic(ctx: &mut Ctx<'_>, parsed: Parsed) -> Option<Policy> {
                             )
                             .at(item.file, span, msg),
                         );
-                        DEFAULT_RELAY_PORTS
+                        (DEFAULT_RELAY_PORTS.0, DEFAULT_RELAY_PORTS.1, false)
                     }
                 }
             }
         };
-        if r.ports.is_some() {
-            let span = ctx.field(Kind::Relay, item, "ports");
+        if ports_ok {
+            // Point at `ports`, or at the name when the default range is implied.
+            let (span, how) = match r.ports {
+                Some(_) => (ctx.field(Kind::Relay, item, "ports"), ""),
+                None => (ctx.field(Kind::Relay, item, "name"), " (the default range)"),
+            };
             ranges
                 .entry(r.address.to_ascii_lowercase())
                 .or_default()
-                .push((first, last, item.file, span, r.name.clone()));
+                .push((first, last, item.file, span, r.name.clone(), how));
         }
         let tags = sorted_unique(&r.tags);
         for t in &tags {
@@ -582,20 +601,29 @@ fn semantic(ctx: &mut Ctx<'_>, parsed: Parsed) -> Option<Policy> {
         });
     }
     for (address, mut list) in ranges {
-        list.sort_by_key(|r| r.0);
-        for pair in list.windows(2) {
-            let (a, b) = (&pair[0], &pair[1]);
-            if b.0 <= a.1 {
-                let d = Diagnostic::new(
-                    Code::RelayRangeOverlap,
-                    format!(
-                        "relays `{}` and `{}` share the address {address} and overlapping ports",
-                        a.4, b.4
-                    ),
-                )
-                .at(b.2, b.3.clone(), format!("{}-{} here", b.0, b.1))
-                .at(a.2, a.3.clone(), format!("overlaps {}-{} here", a.0, a.1));
-                ctx.push(d);
+        list.sort_by_key(|r| (r.0, r.1));
+        // Compare each range with the one reaching furthest so far, so a wide range that
+        // swallows several later ones is reported against each of them.
+        let mut widest: Option<usize> = None;
+        for i in 0..list.len() {
+            if let Some(w) = widest {
+                let (a, b) = (&list[w], &list[i]);
+                if b.0 <= a.1 {
+                    let d = Diagnostic::new(
+                        Code::RelayRangeOverlap,
+                        format!(
+                            "relays `{}` and `{}` share the address {address} and overlapping ports",
+                            a.4, b.4
+                        ),
+                    )
+                    .at(b.2, b.3.clone(), format!("{}-{}{} here", b.0, b.1, b.5))
+                    .at(a.2, a.3.clone(), format!("overlaps {}-{}{} here", a.0, a.1, a.5))
+                    .note("relays on one host need disjoint port ranges");
+                    ctx.push(d);
+                }
+            }
+            if widest.is_none_or(|w| list[i].1 > list[w].1) {
+                widest = Some(i);
             }
         }
     }

@@ -80,12 +80,12 @@ fn summary(report: &Report, ok: bool, deny_warnings: bool) -> String {
     let errors = report.errors().count();
     let warnings = report.warnings().count();
     let t = report.tests;
+    let plural = |n: usize, w: &str| format!("{n} {w}{}", if n == 1 { "" } else { "s" });
     let tests = if t.skipped > 0 {
-        format!("{} tests not run because of errors", t.skipped)
+        format!("{} not run because of errors", plural(t.skipped, "test"))
     } else {
         format!("tests: {} passed, {} failed", t.passed, t.failed)
     };
-    let plural = |n: usize, w: &str| format!("{n} {w}{}", if n == 1 { "" } else { "s" });
     match (&report.policy, ok) {
         (Some(p), true) => format!(
             "ok: policy {} is valid ({}, {}, {}, {}, {}; {}){}; {tests}",
