@@ -109,6 +109,19 @@ pub(crate) fn check_relay_host(s: &str) -> Result<(), AddrError> {
     check_hostname(s)
 }
 
+/// A host as a comparable key: IP literals in canonical form (brackets dropped), names in
+/// lower case without a trailing dot.
+pub(crate) fn canonical_host(s: &str) -> String {
+    let inner = s
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(s);
+    match inner.parse::<IpAddr>() {
+        Ok(ip) => ip.to_string(),
+        Err(_) => inner.trim_end_matches('.').to_ascii_lowercase(),
+    }
+}
+
 fn check_hostname(host: &str) -> Result<(), AddrError> {
     let bad = || AddrError::Malformed(format!("`{host}` is not a valid host name or IP address"));
     if host.is_empty() || host.len() > 253 {

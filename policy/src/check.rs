@@ -483,10 +483,12 @@ fn semantic(ctx: &mut Ctx<'_>, parsed: Parsed) -> Option<Policy> {
     let mut legacy_ids: HashMap<String, (usize, Range<usize>)> = HashMap::new();
     let mut pins: HashMap<[u8; 32], (usize, Range<usize>, String)> = HashMap::new();
     let mut portal_tags: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    for (i, item) in portals.iter().enumerate() {
+    // Uniqueness of pins and legacy ids, in file order so "again" points at the later one.
+    let mut in_file_order: Vec<&Item<PortalSrc>> = portals.iter().collect();
+    in_file_order.sort_by_key(|item| (item.file, item.index));
+    for item in in_file_order {
         let p = &item.v;
-        let pin = p.spki_sha256.as_deref().and_then(decode_key);
-        if let Some(key) = pin {
+        if let Some(key) = p.spki_sha256.as_deref().and_then(decode_key) {
             let span = ctx.field(Kind::Portal, item, "spki_sha256");
             if let Some((f, s, other)) = pins.get(&key) {
                 let d = Diagnostic::new(
@@ -516,6 +518,10 @@ fn semantic(ctx: &mut Ctx<'_>, parsed: Parsed) -> Option<Policy> {
                 legacy_ids.insert(id, (item.file, span));
             }
         }
+    }
+    for (i, item) in portals.iter().enumerate() {
+        let p = &item.v;
+        let pin = p.spki_sha256.as_deref().and_then(decode_key);
         let tags = sorted_unique(&p.tags);
         for t in &tags {
             portal_tags.entry(t.clone()).or_default().push(i as u32);
@@ -582,7 +588,7 @@ fn semantic(ctx: &mut Ctx<'_>, parsed: Parsed) -> Option<Policy> {
                 None => (ctx.field(Kind::Relay, item, "name"), " (the default range)"),
             };
             ranges
-                .entry(r.address.to_ascii_lowercase())
+                .entry(addr::canonical_host(&r.address))
                 .or_default()
                 .push((first, last, item.file, span, r.name.clone(), how));
         }
@@ -601,14 +607,11 @@ fn semantic(ctx: &mut Ctx<'_>, parsed: Parsed) -> Option<Policy> {
         });
     }
     for (address, mut list) in ranges {
-        list.sort_by_key(|r| (r.0, r.1));
-        // Compare each range with the one reaching furthest so far, so a wide range that
-        // swallows several later ones is reported against each of them.
-        let mut widest: Option<usize> = None;
-        for i in 0..list.len() {
-            if let Some(w) = widest {
-                let (a, b) = (&list[w], &list[i]);
-                if b.0 <= a.1 {
+        // Every overlapping pair (relays per host are few); the later definition is primary.
+        list.sort_by_key(|r| (r.2, r.3.start));
+        for (i, a) in list.iter().enumerate() {
+            for b in &list[i + 1..] {
+                if b.0 <= a.1 && a.0 <= b.1 {
                     let d = Diagnostic::new(
                         Code::RelayRangeOverlap,
                         format!(
@@ -621,9 +624,6 @@ fn semantic(ctx: &mut Ctx<'_>, parsed: Parsed) -> Option<Policy> {
                     .note("relays on one host need disjoint port ranges");
                     ctx.push(d);
                 }
-            }
-            if widest.is_none_or(|w| list[i].1 > list[w].1) {
-                widest = Some(i);
             }
         }
     }

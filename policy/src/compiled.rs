@@ -279,16 +279,25 @@ impl Policy {
     }
 
     /// The access rules that give `portal` a listener (its desired state), in name order.
+    /// A revoked portal gets none, and no listener is held for a service whose portal is
+    /// revoked: the same requests `decide` would refuse.
     pub fn listeners_for(&self, portal: &str) -> impl Iterator<Item = &AccessRule> {
         let rules = self
             .index
             .portal
             .get(portal)
+            .filter(|&&p| !self.portals[p as usize].revoked)
             .and_then(|&p| self.index.rules_by_portal.get(p as usize));
         rules
             .into_iter()
             .flatten()
             .map(|&r| &self.access[r as usize])
+            .filter(|rule| {
+                self.services
+                    .get(rule.service_idx as usize)
+                    .and_then(|s| self.portals.get(s.portal_idx as usize))
+                    .is_some_and(|p| !p.revoked)
+            })
     }
 
     /// Whether a key (raw SHA-256 of an SPKI) is revoked.

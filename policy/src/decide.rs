@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::compiled::{AccessRule, Policy, Portal, Relay, Service};
+use crate::compiled::{AccessRule, Policy, Relay, Service};
 
 /// A request to reach a service from a portal.
 #[derive(Debug, Clone, Copy)]
@@ -142,27 +142,11 @@ impl Policy {
                 policy: self,
                 rule_idx: r,
             }),
-            None => Err(deny(DenyReason::NoAccessRule, self.closest(portal, rules))),
+            None => Err(deny(
+                DenyReason::NoAccessRule,
+                rules.first().map(|&r| &self.access[r as usize]),
+            )),
         }
-    }
-
-    /// The rule for a service that comes closest to including `portal`: the one whose tag
-    /// selectors share the most tags with it (ties: first by name).
-    fn closest(&self, portal: &Portal, rules: &[u32]) -> Option<&AccessRule> {
-        rules
-            .iter()
-            .map(|&r| &self.access[r as usize])
-            .enumerate()
-            .max_by_key(|(i, rule)| {
-                let shared = rule
-                    .from
-                    .iter()
-                    .filter_map(|s| s.strip_prefix("tag:"))
-                    .filter(|t| portal.tags.binary_search_by(|x| x.as_str().cmp(t)).is_ok())
-                    .count();
-                (shared, std::cmp::Reverse(*i))
-            })
-            .map(|(_, rule)| rule)
     }
 
     /// Explains the decision for `portal` asking for `service`: the verdict, the deciding

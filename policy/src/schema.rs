@@ -98,19 +98,26 @@ pub(crate) fn validate(file: usize, root: &Node, json: &Value) -> Vec<SchemaErro
                         field.unwrap_or("?")
                     )
                 } else {
-                    format!("a {expected}")
+                    article(&expected)
                 };
                 Diagnostic::new(
                     Code::WrongType,
-                    format!("{what} must be {expected}, found a {}", node.type_name()),
+                    format!("{what} must be {expected}, found {}", article(node.type_name())),
                 )
                 .at(
                     file,
                     node.span.clone(),
-                    format!("this is a {}", node.type_name()),
+                    format!("this is {}", article(node.type_name())),
                 )
             }
-            ValidationErrorKind::Pattern { .. } => pattern_error(file, node, field, &what),
+            ValidationErrorKind::Pattern { .. } => {
+                // A test's `from` is a portal name, not a selector.
+                let field = match (path.first(), field) {
+                    (Some(Seg::Key(k)), Some("from")) if k == "test" => Some("name"),
+                    _ => field,
+                };
+                pattern_error(file, node, field, &what)
+            }
             ValidationErrorKind::Enum { options } => {
                 let allowed = options
                     .as_array()
@@ -196,7 +203,7 @@ fn pattern_error(file: usize, node: &Node, field: Option<&str>, what: &str) -> D
 fn shown(node: &Node) -> String {
     match node.as_str() {
         Some(s) => format!("\"{s}\""),
-        None => format!("a {}", node.type_name()),
+        None => article(node.type_name()),
     }
 }
 
@@ -207,6 +214,14 @@ fn header_span(node: &Node) -> std::ops::Range<usize> {
             entries[0].key_span.clone()
         }
         _ => node.span.clone(),
+    }
+}
+
+/// "a table", "an array", "an integer".
+fn article(noun: &str) -> String {
+    match noun.chars().next() {
+        Some('a' | 'e' | 'i' | 'o' | 'u') => format!("an {noun}"),
+        _ => format!("a {noun}"),
     }
 }
 
