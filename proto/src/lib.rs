@@ -77,7 +77,10 @@ mod tests {
         encode(b"hello", &mut buf).expect("small frame");
         encode(b"", &mut buf).expect("empty frame");
         for cut in 0..HEADER + 5 {
-            assert!(matches!(parse(&buf[..cut]), Err(FrameError::Incomplete { .. })));
+            assert!(matches!(
+                parse(&buf[..cut]),
+                Err(FrameError::Incomplete { .. })
+            ));
         }
         let (a, rest) = parse(&buf).expect("first");
         assert_eq!(a, b"hello");
@@ -88,7 +91,10 @@ mod tests {
     #[test]
     fn oversized_prefix_is_refused_before_the_body_arrives() {
         let buf = (MAX_FRAME as u32 + 1).to_be_bytes();
-        assert_eq!(check(&buf), Err(FrameError::TooLarge { len: MAX_FRAME + 1 }));
+        assert_eq!(
+            check(&buf),
+            Err(FrameError::TooLarge { len: MAX_FRAME + 1 })
+        );
         assert!(encode(&vec![0; MAX_FRAME + 1], &mut Vec::new()).is_err());
     }
 }
