@@ -137,7 +137,10 @@ pub(crate) fn validate(file: usize, root: &Node, json: &Value) -> Vec<SchemaErro
             ValidationErrorKind::MinItems { .. } => {
                 Diagnostic::new(Code::InvalidValue, format!("{what} must not be empty"))
                     .at(file, node.span.clone(), "empty list")
-                    .note("list at least one portal name or tag:<tag> selector, or remove the key")
+                    .note(match field {
+                        Some("relays") => "list at least one relay name or tag:<tag> selector, or remove the key to allow any relay",
+                        _ => "list at least one portal name or tag:<tag> selector",
+                    })
             }
             ValidationErrorKind::MinLength { .. } => Diagnostic::new(
                 Code::InvalidValue,

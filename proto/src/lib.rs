@@ -5,6 +5,8 @@
 //! clock, no tokio. Messages, version negotiation and certificate identities are added with
 //! the tunnel.
 
+pub mod control;
+
 /// The TLS ALPN protocol id of the native control protocol, version 1.
 pub const ALPN: &[u8] = b"netport/1";
 

@@ -1,0 +1,445 @@
+//! Control messages (version 1): portal ↔ netportd and relayd ↔ netportd.
+//!
+//! Each frame body (see [`crate::encode`]) is one JSON object: `{"v": 1, "type": "...", ...}`.
+//! JSON keeps the control plane debuggable; its rate is a handful of messages per link, so
+//! its cost does not matter. Decoding never panics: anything malformed, of another version
+//! or of an unknown type is a [`DecodeError`].
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this crate speaks.
+pub const VERSION: u16 = 1;
+
+/// Which side a peer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerRole {
+    /// A portal agent.
+    Portal,
+    /// A relay daemon.
+    Relay,
+}
+
+/// Transport of a service, as carried on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Byte streams.
+    Tcp,
+    /// Datagrams.
+    Udp,
+}
+
+/// A listener the server wants a portal to hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerSpec {
+    /// The access rule that grants it.
+    pub access: String,
+    /// Where to listen, `ip:port`.
+    pub listen: String,
+    /// The service reached through it.
+    pub service: String,
+    /// The portal serving that service.
+    pub serving_portal: String,
+    /// Transport.
+    pub transport: Transport,
+}
+
+/// A target the serving portal may open on a link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkGrant {
+    /// Service name, as the client portal asks for it.
+    pub service: String,
+    /// What to dial, `host:port`.
+    pub target: String,
+    /// Transport.
+    pub transport: Transport,
+}
+
+/// Where to meet the peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayEndpoint {
+    /// The relay's name (for logs).
+    pub relay: String,
+    /// Host or IP to dial.
+    pub address: String,
+    /// Port to dial.
+    pub port: u16,
+}
+
+/// Every control message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Message {
+    // ---- either side ----
+    /// First message of a peer: who it is and which versions it speaks.
+    Hello {
+        /// Portal or relay.
+        role: PeerRole,
+        /// Protocol versions the peer speaks.
+        versions: Vec<u16>,
+        /// Software name and version, for logs.
+        software: String,
+    },
+    /// Liveness, both ways.
+    Heartbeat {
+        /// Increments per heartbeat.
+        seq: u64,
+    },
+    /// The server refuses the session (sent just before closing).
+    Refused {
+        /// Stable reason code (`unknown-portal`, `revoked`, `expired`, `version`, ...).
+        reason: String,
+        /// A sentence for the log.
+        message: String,
+    },
+
+    // ---- server → portal ----
+    /// The server accepts the session.
+    Welcome {
+        /// The version chosen.
+        version: u16,
+        /// The peer's identity as the server sees it.
+        identity: String,
+        /// Loaded policy hash.
+        policy: String,
+        /// Seconds between heartbeats; a peer silent for three intervals is gone.
+        heartbeat_secs: u32,
+    },
+    /// The portal's complete desired state: hold exactly these listeners.
+    DesiredState {
+        /// Policy hash this state comes from.
+        policy: String,
+        /// The listeners.
+        listeners: Vec<ListenerSpec>,
+    },
+    /// To the client portal: a link is allocated; connect and present the token.
+    LinkOffer {
+        /// The request this answers.
+        request_id: u64,
+        /// Link id (unique per server run).
+        link_id: u64,
+        /// The serving portal: the TLS peer must be exactly this identity.
+        peer: String,
+        /// Where to connect.
+        relay: RelayEndpoint,
+        /// Single-use token, hex.
+        token: String,
+        /// The token expires this many milliseconds after the offer is sent.
+        expires_in_ms: u64,
+    },
+    /// To the serving portal: a client portal will meet it at the relay.
+    LinkIncoming {
+        /// Link id.
+        link_id: u64,
+        /// The client portal: the TLS peer must be exactly this identity.
+        peer: String,
+        /// Where to connect.
+        relay: RelayEndpoint,
+        /// Single-use token, hex.
+        token: String,
+        /// Expiry of the token.
+        expires_in_ms: u64,
+        /// What this link may open: anything else is refused.
+        grants: Vec<LinkGrant>,
+    },
+    /// To the client portal: the link request is refused.
+    LinkDenied {
+        /// The request this answers.
+        request_id: u64,
+        /// Deny reason code (`no-access-rule`, `revoked`, `no-relay`, `peer-offline`, ...).
+        reason: String,
+        /// The rule that decided or the closest one.
+        rule: Option<String>,
+        /// A sentence for the user.
+        message: String,
+    },
+    /// To the serving portal: the grants of a link changed (policy reload).
+    LinkGrants {
+        /// Link id.
+        link_id: u64,
+        /// The new grants.
+        grants: Vec<LinkGrant>,
+    },
+    /// Either portal: close this link now.
+    CloseLink {
+        /// Link id.
+        link_id: u64,
+        /// Why.
+        reason: String,
+    },
+
+    // ---- portal → server ----
+    /// The client portal asks for a link to serve an access rule.
+    OpenLink {
+        /// Echoed in the answer.
+        request_id: u64,
+        /// The access rule of the listener a connection arrived on.
+        access: String,
+    },
+    /// A portal reports a link gone.
+    LinkClosed {
+        /// Link id.
+        link_id: u64,
+        /// Why.
+        reason: String,
+    },
+
+    // ---- relay ↔ server ----
+    /// The relay's offer, after `Hello`.
+    RelayRegister {
+        /// Host or IP portals dial.
+        address: String,
+        /// First port of the allocation range.
+        port_first: u16,
+        /// Last port of the allocation range.
+        port_last: u16,
+        /// How many allocations it will hold at once.
+        capacity: u32,
+    },
+    /// Server → relay: open a port pair for two tokens.
+    Allocate {
+        /// Allocation id.
+        alloc_id: u64,
+        /// Token for side A (the client portal), hex.
+        token_a: String,
+        /// Token for side B (the serving portal), hex.
+        token_b: String,
+        /// Tokens expire this many milliseconds from now.
+        ttl_ms: u64,
+    },
+    /// Relay → server: the pair is open.
+    Allocated {
+        /// Allocation id.
+        alloc_id: u64,
+        /// Port for side A.
+        port_a: u16,
+        /// Port for side B.
+        port_b: u16,
+    },
+    /// Relay → server: allocation failed.
+    AllocateFailed {
+        /// Allocation id.
+        alloc_id: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Server → relay: drop an allocation and its connections.
+    Release {
+        /// Allocation id.
+        alloc_id: u64,
+    },
+    /// Relay → server: an allocation ended.
+    AllocationClosed {
+        /// Allocation id.
+        alloc_id: u64,
+        /// Bytes from A to B.
+        bytes_a_to_b: u64,
+        /// Bytes from B to A.
+        bytes_b_to_a: u64,
+        /// Why (`closed`, `expired`, `released`, ...).
+        reason: String,
+    },
+}
+
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    v: u16,
+    #[serde(flatten)]
+    msg: &'a Message,
+}
+
+#[derive(Deserialize)]
+struct VersionOnly {
+    v: Option<u64>,
+}
+
+/// Why a frame body is not a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Not a JSON object with a version.
+    #[error("malformed control message: {0}")]
+    Malformed(String),
+    /// Another protocol version.
+    #[error("control message of version {0}; this side speaks version {VERSION}")]
+    Version(u64),
+    /// A message this side does not know (or with fields it does not know).
+    #[error("unknown or invalid control message: {0}")]
+    Unknown(String),
+}
+
+impl Message {
+    /// The frame body of this message.
+    pub fn to_body(&self) -> Vec<u8> {
+        // Serializing these types cannot fail: no maps with non-string keys, no floats.
+        serde_json::to_vec(&EnvelopeRef { v: VERSION, msg: self }).unwrap_or_default()
+    }
+
+    /// Parses a frame body.
+    pub fn from_body(body: &[u8]) -> Result<Message, DecodeError> {
+        let head: VersionOnly =
+            serde_json::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        match head.v {
+            Some(v) if v == u64::from(VERSION) => {}
+            Some(v) => return Err(DecodeError::Version(v)),
+            None => return Err(DecodeError::Malformed("no version field `v`".into())),
+        }
+        let mut value: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        if let Some(obj) = value.as_object_mut() {
+            obj.remove("v");
+        }
+        serde_json::from_value(value).map_err(|e| DecodeError::Unknown(e.to_string()))
+    }
+
+    /// The message's type name, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Heartbeat { .. } => "heartbeat",
+            Message::Refused { .. } => "refused",
+            Message::Welcome { .. } => "welcome",
+            Message::DesiredState { .. } => "desired_state",
+            Message::LinkOffer { .. } => "link_offer",
+            Message::LinkIncoming { .. } => "link_incoming",
+            Message::LinkDenied { .. } => "link_denied",
+            Message::LinkGrants { .. } => "link_grants",
+            Message::CloseLink { .. } => "close_link",
+            Message::OpenLink { .. } => "open_link",
+            Message::LinkClosed { .. } => "link_closed",
+            Message::RelayRegister { .. } => "relay_register",
+            Message::Allocate { .. } => "allocate",
+            Message::Allocated { .. } => "allocated",
+            Message::AllocateFailed { .. } => "allocate_failed",
+            Message::Release { .. } => "release",
+            Message::AllocationClosed { .. } => "allocation_closed",
+        }
+    }
+}
+
+/// A frame decoder for a byte stream: push bytes in, take messages out.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+}
+
+impl Decoder {
+    /// A decoder with an empty buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends bytes that arrived.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole message, `Ok(None)` when more bytes are needed. After an error the
+    /// stream is unusable: close the connection.
+    pub fn next_message(&mut self) -> Result<Option<Message>, StreamError> {
+        match crate::check(&self.buf) {
+            Ok(len) => {
+                let msg = Message::from_body(&self.buf[4..4 + len]);
+                self.buf.drain(..4 + len);
+                msg.map(Some).map_err(StreamError::Decode)
+            }
+            Err(crate::FrameError::Incomplete { .. }) => Ok(None),
+            Err(e) => Err(StreamError::Frame(e)),
+        }
+    }
+}
+
+/// A control stream failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    /// Framing failed (a frame over the size limit).
+    #[error(transparent)]
+    Frame(#[from] crate::FrameError),
+    /// A frame held no valid message.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+/// Encodes a message as one frame.
+pub fn encode_message(msg: &Message) -> Vec<u8> {
+    let body = msg.to_body();
+    let mut out = Vec::with_capacity(body.len() + 4);
+    // Control messages are far below the frame limit: a few strings and lists.
+    let _ = crate::encode(&body, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Message> {
+        vec![
+            Message::Hello {
+                role: PeerRole::Portal,
+                versions: vec![1],
+                software: "portal/0.1".into(),
+            },
+            Message::DesiredState {
+                policy: "ab".into(),
+                listeners: vec![ListenerSpec {
+                    access: "a".into(),
+                    listen: "127.0.0.1:2222".into(),
+                    service: "s".into(),
+                    serving_portal: "nas".into(),
+                    transport: Transport::Tcp,
+                }],
+            },
+            Message::LinkDenied {
+                request_id: 7,
+                reason: "no-access-rule".into(),
+                rule: None,
+                message: "no".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trip_through_a_split_stream() {
+        let msgs = sample();
+        let bytes: Vec<u8> = msgs.iter().flat_map(encode_message).collect();
+        let mut d = Decoder::new();
+        let mut out = Vec::new();
+        for chunk in bytes.chunks(3) {
+            d.push(chunk);
+            while let Some(m) = d.next_message().expect("valid stream") {
+                out.push(m);
+            }
+        }
+        assert_eq!(out, msgs);
+    }
+
+    #[test]
+    fn wrong_version_unknown_type_and_garbage_are_errors() {
+        assert_eq!(
+            Message::from_body(br#"{"v":2,"type":"heartbeat","seq":1}"#),
+            Err(DecodeError::Version(2))
+        );
+        assert!(matches!(
+            Message::from_body(br#"{"v":1,"type":"launch_missiles"}"#),
+            Err(DecodeError::Unknown(_))
+        ));
+        assert!(matches!(
+            Message::from_body(br#"{"v":1,"type":"heartbeat","seq":1,"extra":0}"#),
+            Err(DecodeError::Unknown(_))
+        ));
+        assert!(matches!(Message::from_body(b"\xff\x00"), Err(DecodeError::Malformed(_))));
+        assert!(matches!(Message::from_body(b"[]"), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            Message::from_body(br#"{"type":"heartbeat","seq":1}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn oversized_frame_is_refused() {
+        let mut d = Decoder::new();
+        d.push(&u32::MAX.to_be_bytes());
+        assert!(matches!(d.next_message(), Err(StreamError::Frame(_))));
+    }
+}
