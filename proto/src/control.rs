@@ -272,7 +272,11 @@ impl Message {
     /// The frame body of this message.
     pub fn to_body(&self) -> Vec<u8> {
         // Serializing these types cannot fail: no maps with non-string keys, no floats.
-        serde_json::to_vec(&EnvelopeRef { v: VERSION, msg: self }).unwrap_or_default()
+        serde_json::to_vec(&EnvelopeRef {
+            v: VERSION,
+            msg: self,
+        })
+        .unwrap_or_default()
     }
 
     /// Parses a frame body.
@@ -428,8 +432,14 @@ mod tests {
             Message::from_body(br#"{"v":1,"type":"heartbeat","seq":1,"extra":0}"#),
             Err(DecodeError::Unknown(_))
         ));
-        assert!(matches!(Message::from_body(b"\xff\x00"), Err(DecodeError::Malformed(_))));
-        assert!(matches!(Message::from_body(b"[]"), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            Message::from_body(b"\xff\x00"),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            Message::from_body(b"[]"),
+            Err(DecodeError::Malformed(_))
+        ));
         assert!(matches!(
             Message::from_body(br#"{"type":"heartbeat","seq":1}"#),
             Err(DecodeError::Malformed(_))

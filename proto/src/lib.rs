@@ -1,11 +1,15 @@
-//! Netport's wire protocol: framing and version constants (sans-I/O).
+//! Netport's wire protocol (sans-I/O).
 //!
 //! What it does: turns bytes into frames and frames into bytes, with a hard size limit, so
-//! the daemons can feed it whatever arrived on a socket. What it does not do: no sockets, no
-//! clock, no tokio. Messages, version negotiation and certificate identities are added with
-//! the tunnel.
+//! the daemons can feed it whatever arrived on a socket; [`control`] defines the versioned
+//! control messages carried in those frames. What it does not do: no sockets, no clock, no
+//! tokio.
+//!
+//! [`identity`] reads who a certificate names (`netport://<role>/<name>`) and its key's
+//! SHA-256, from DER bytes the daemons hand it; it verifies no chains and reads no clock.
 
 pub mod control;
+pub mod identity;
 
 /// The TLS ALPN protocol id of the native control protocol, version 1.
 pub const ALPN: &[u8] = b"netport/1";

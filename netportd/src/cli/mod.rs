@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod ca;
 mod check;
 mod diff;
 mod explain;
@@ -57,6 +58,8 @@ pub enum Command {
     Explain(explain::Args),
     /// Show the grants, relays and revocations that differ between two policy directories.
     Diff(diff::Args),
+    /// Run the Netport PKI: create a CA, issue portal, relay and server certificates, show one.
+    Ca(ca::Args),
 }
 
 /// Output format of `check`.
@@ -85,6 +88,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Check(args) => check::run(args, color),
         Command::Explain(args) => explain::run(args, color),
         Command::Diff(args) => diff::run(args, color),
+        Command::Ca(args) => ca::run(args),
     };
     ExitCode::from(code)
 }
