@@ -1,1 +1,133 @@
-fn main() {}
+//! `netport-bench`: a policy generator and the policy benchmark.
+//!
+//! ```text
+//! netport-bench gen --portals 10000 --services 1000 --access 10000 --out DIR
+//! netport-bench policy [--portals N] [--services N] [--access N] [--runs N]
+//! ```
+//!
+//! See `bench/README.md`.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+mod generate;
+mod policy;
+mod rng;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "netport-bench",
+    about = "Netport benchmarks: generate large policies and time check, explain and decide"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write a generated, valid policy directory.
+    Gen {
+        #[command(flatten)]
+        size: Size,
+        /// The directory to write (created if missing; stale generated chunks are replaced).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Generate a policy into a temporary directory and time check, explain and decide.
+    Policy(policy::Args),
+}
+
+/// The size and shape of a generated policy.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct Size {
+    /// Number of portals.
+    #[arg(long, default_value_t = 10_000)]
+    pub portals: usize,
+    /// Number of services.
+    #[arg(long, default_value_t = 1_000)]
+    pub services: usize,
+    /// Number of access rules.
+    #[arg(long, default_value_t = 10_000)]
+    pub access: usize,
+    /// Number of embedded [[test]] blocks.
+    #[arg(long, default_value_t = 200)]
+    pub tests: usize,
+    /// Seed of the generator: the same seed and sizes give the same files.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Portals or access rules per file.
+    #[arg(long, default_value_t = 1_000)]
+    pub chunk: usize,
+}
+
+impl Size {
+    pub fn params(self) -> generate::Params {
+        generate::Params {
+            portals: self.portals,
+            services: self.services,
+            access: self.access,
+            tests: self.tests,
+            seed: self.seed,
+            chunk: self.chunk,
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Gen { size, out } => {
+            let started = Instant::now();
+            let model = generate::Model::generate(size.params())?;
+            let files = model.write(&out)?;
+            println!(
+                "wrote {} files to {} in {:.0?}: {} portals in {} teams, {} relays, {} services, \
+                 {} access rules ({} portal-rule grants), {} revocations, {} tests",
+                files.len(),
+                out.display(),
+                started.elapsed(),
+                model.portals.len(),
+                model.teams.len(),
+                model.relays.len(),
+                model.services.len(),
+                model.rules.len(),
+                model.grants(),
+                model.revoked.len(),
+                model.tests.len(),
+            );
+            // Check it in-process, so a generator bug is caught here and not in the benchmark.
+            let report = netport_policy::load(&out)?;
+            if report.policy.is_none() {
+                eprint!("{}", report.render_plain());
+                bail!("the generated policy does not pass check (a generator bug)");
+            }
+            let warnings = report.warnings().count();
+            if warnings > 0 {
+                eprint!("{}", report.render_plain());
+            }
+            println!(
+                "check: ok, {} warnings, tests {} passed; `netportd check {}` should exit 0",
+                warnings,
+                report.tests.passed,
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Policy(args) => policy::run(args),
+    }
+}
