@@ -52,6 +52,11 @@ fn netportd(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_netportd"))
         .args(args)
         .env("NO_COLOR", "1")
+        // Keep the compiled-policy cache of `explain` out of the user's home.
+        .env(
+            "NETPORT_CACHE_DIR",
+            std::env::temp_dir().join("netport-cli-tests-cache"),
+        )
         .output()
         .expect("netportd runs")
 }
@@ -484,4 +489,61 @@ fn every_example_policy_passes_check() {
         count >= 3,
         "expected at least three example policies, found {count}"
     );
+}
+
+#[test]
+fn explain_caches_the_compiled_policy_by_content() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    valid_policy(dir.path());
+    let cache = tempfile::tempdir().expect("tempdir");
+    let explain = |extra: &[&str]| {
+        let mut args = vec![
+            "explain",
+            path(dir.path()),
+            "--from",
+            "bob-phone",
+            "--service",
+            "nas-ssh",
+            "--format",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_netportd"))
+            .args(&args)
+            .env("NETPORT_CACHE_DIR", cache.path())
+            .output()
+            .expect("netportd runs");
+        assert_eq!(out.status.code(), Some(0));
+        serde_json::from_slice::<Value>(&out.stdout).expect("json")
+    };
+    let entries = || {
+        fs::read_dir(cache.path().join("policies"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let uncached = explain(&["--no-cache"]);
+    assert_eq!(entries(), 0, "--no-cache must not write the cache");
+    let first = explain(&[]);
+    assert_eq!(entries(), 1);
+    let second = explain(&[]);
+    assert_eq!(first, uncached);
+    assert_eq!(second, uncached);
+    assert_eq!(second["verdict"], "deny");
+
+    // Editing the policy changes the key: the answer follows the files, not the cache.
+    let rest = REST.replace(
+        "from = [\"tag:dev\"]",
+        "from = [\"tag:dev\", \"bob-phone\"]",
+    );
+    let cut = rest.rfind("[[test]]").expect("a test");
+    fs::write(dir.path().join("rest.toml"), &rest[..cut]).expect("write");
+    let changed = explain(&[]);
+    assert_eq!(changed["verdict"], "allow");
+    assert_ne!(changed["policy"], first["policy"]);
+
+    // A damaged entry is a miss, not an error.
+    for entry in fs::read_dir(cache.path().join("policies")).expect("cache dir") {
+        fs::write(entry.expect("entry").path(), b"garbage").expect("write");
+    }
+    assert_eq!(explain(&[]), changed);
 }

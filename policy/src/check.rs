@@ -183,18 +183,19 @@ struct Item<T> {
 /// Default relay port range when `ports` is omitted.
 pub const DEFAULT_RELAY_PORTS: (u16, u16) = (40000, 40999);
 
-struct Ctx<'s> {
-    sources: &'s [SourceFile],
+struct Ctx {
     trees: Vec<Option<Node>>,
     /// Byte offsets of line starts, per file: `origin` is called for every definition.
     lines: Vec<Vec<usize>>,
+    /// File paths, shared by every definition's origin.
+    paths: Vec<std::sync::Arc<str>>,
     diags: Vec<Diagnostic>,
     /// Kinds with a definition that failed to parse: references to them are not reported as
     /// unknown, since the broken definition may be the one they mean.
     poisoned: HashSet<Kind>,
 }
 
-impl Ctx<'_> {
+impl Ctx {
     fn span(&self, file: usize, path: &[Seg]) -> Range<usize> {
         match &self.trees[file] {
             Some(t) => t.locate(path).0.span.clone(),
@@ -202,35 +203,31 @@ impl Ctx<'_> {
         }
     }
 
+    /// The node of item `index` of `kind` in `file` (no allocation: called per definition).
+    fn item_node(&self, kind: Kind, file: usize, index: usize) -> Option<&Node> {
+        self.trees[file]
+            .as_ref()?
+            .get(kind.key())
+            .and_then(|e| e.value.index(index))
+    }
+
     fn field<T>(&self, kind: Kind, item: &Item<T>, field: &str) -> Range<usize> {
-        self.span(
-            item.file,
-            &[
-                Seg::Key(kind.key().into()),
-                Seg::Index(item.index),
-                Seg::Key(field.into()),
-            ],
-        )
+        self.item_node(kind, item.file, item.index)
+            .and_then(|n| n.get(field))
+            .map_or(0..0, |e| e.value.span.clone())
     }
 
     fn elem<T>(&self, kind: Kind, item: &Item<T>, field: &str, j: usize) -> Range<usize> {
-        self.span(
-            item.file,
-            &[
-                Seg::Key(kind.key().into()),
-                Seg::Index(item.index),
-                Seg::Key(field.into()),
-                Seg::Index(j),
-            ],
-        )
+        self.item_node(kind, item.file, item.index)
+            .and_then(|n| n.get(field))
+            .and_then(|e| e.value.index(j))
+            .map_or(0..0, |n| n.span.clone())
     }
 
-    /// The span of an item as a whole: its first key, which is on the line after the header.
+    /// The span of an item as a whole: its `[[kind]]` header.
     fn item_span<T>(&self, kind: Kind, item: &Item<T>) -> Range<usize> {
-        self.span(
-            item.file,
-            &[Seg::Key(kind.key().into()), Seg::Index(item.index)],
-        )
+        self.item_node(kind, item.file, item.index)
+            .map_or(0..0, |n| n.span.clone())
     }
 
     fn origin(&self, file: usize, span: &Range<usize>) -> Origin {
@@ -239,7 +236,7 @@ impl Ctx<'_> {
             Err(i) => i,
         };
         Origin {
-            file: self.sources[file].path.clone(),
+            file: self.paths[file].clone(),
             line,
         }
     }
@@ -270,7 +267,6 @@ struct Parsed {
 /// Checks a policy given as file contents. Pure: no I/O, no clock.
 pub fn check(sources: Vec<SourceFile>) -> Report {
     let mut ctx = Ctx {
-        sources: &sources,
         trees: Vec::with_capacity(sources.len()),
         lines: sources
             .iter()
@@ -280,6 +276,7 @@ pub fn check(sources: Vec<SourceFile>) -> Report {
                     .collect()
             })
             .collect(),
+        paths: sources.iter().map(|s| s.path.as_str().into()).collect(),
         diags: Vec::new(),
         poisoned: HashSet::new(),
     };
@@ -319,7 +316,7 @@ pub fn check(sources: Vec<SourceFile>) -> Report {
     }
 }
 
-fn parse_file(ctx: &mut Ctx<'_>, file: usize, src: &SourceFile, parsed: &mut Parsed) {
+fn parse_file(ctx: &mut Ctx, file: usize, src: &SourceFile, parsed: &mut Parsed) {
     let tree = match node::parse(&src.content) {
         Ok(t) => t,
         Err(errors) => {
@@ -402,33 +399,47 @@ fn parse_file(ctx: &mut Ctx<'_>, file: usize, src: &SourceFile, parsed: &mut Par
 /// Reports duplicate names and returns the surviving items sorted by name (first definition
 /// in file order wins).
 fn dedupe<T>(
-    ctx: &mut Ctx<'_>,
+    ctx: &mut Ctx,
     kind: Kind,
     items: Vec<Item<T>>,
     name: impl Fn(&T) -> &str,
 ) -> Vec<Item<T>> {
-    let mut first: HashMap<String, (usize, Range<usize>)> = HashMap::new();
-    let mut kept = Vec::with_capacity(items.len());
-    for item in items {
-        let n = name(&item.v).to_string();
-        let span = ctx.field(kind, &item, "name");
-        if let Some((f, s)) = first.get(&n) {
-            let d = Diagnostic::new(
-                Code::DuplicateName,
-                format!("duplicate {} name `{n}`", kind.key()),
-            )
-            .at(item.file, span, "defined again here")
-            .at(*f, s.clone(), "first defined here")
-            .note(format!(
-                "names are unique per kind: rename or remove one of the [[{}]] entries",
-                kind.key()
-            ));
-            ctx.push(d);
-            continue;
+    // name -> (file, index) of the first definition; spans are looked up only for duplicates.
+    let mut first: HashMap<&str, (usize, usize)> = HashMap::with_capacity(items.len());
+    let mut dup = vec![false; items.len()];
+    for (i, item) in items.iter().enumerate() {
+        let n = name(&item.v);
+        match first.get(n) {
+            Some(&(f, idx)) => {
+                dup[i] = true;
+                let span = ctx.field(kind, item, "name");
+                let first_span = ctx
+                    .item_node(kind, f, idx)
+                    .and_then(|node| node.get("name"))
+                    .map_or(0..0, |e| e.value.span.clone());
+                let d = Diagnostic::new(
+                    Code::DuplicateName,
+                    format!("duplicate {} name `{n}`", kind.key()),
+                )
+                .at(item.file, span, "defined again here")
+                .at(f, first_span, "first defined here")
+                .note(format!(
+                    "names are unique per kind: rename or remove one of the [[{}]] entries",
+                    kind.key()
+                ));
+                ctx.push(d);
+            }
+            None => {
+                first.insert(n, (item.file, item.index));
+            }
         }
-        first.insert(n, (item.file, span));
-        kept.push(item);
     }
+    drop(first);
+    let mut kept: Vec<Item<T>> = items
+        .into_iter()
+        .zip(dup)
+        .filter_map(|(item, d)| (!d).then_some(item))
+        .collect();
     kept.sort_by(|a, b| name(&a.v).cmp(name(&b.v)));
     kept
 }
@@ -447,7 +458,7 @@ fn decode_key(hex_str: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-fn semantic(ctx: &mut Ctx<'_>, parsed: Parsed) -> Option<Policy> {
+fn semantic(ctx: &mut Ctx, parsed: Parsed) -> Option<Policy> {
     let portals = dedupe(ctx, Kind::Portal, parsed.portals, |p| &p.name);
     let relays = dedupe(ctx, Kind::Relay, parsed.relays, |r| &r.name);
     let services = dedupe(ctx, Kind::Service, parsed.services, |s| &s.name);
@@ -692,11 +703,11 @@ fn semantic(ctx: &mut Ctx<'_>, parsed: Parsed) -> Option<Policy> {
     let mut relays_by_rule = Vec::with_capacity(access.len());
     for item in &access {
         let a = &item.v;
-        let mut portals: BTreeSet<u32> = BTreeSet::new();
+        let mut portals: Vec<u32> = Vec::new();
         for (j, sel) in a.from.iter().enumerate() {
             if let Some(tag) = sel.strip_prefix("tag:") {
                 match portal_tags.get(tag) {
-                    Some(list) => portals.extend(list),
+                    Some(list) => portals.extend_from_slice(list),
                     None if !ctx.poisoned.contains(&Kind::Portal) => {
                         let span = ctx.elem(Kind::Access, item, "from", j);
                         ctx.push(
@@ -714,9 +725,7 @@ fn semantic(ctx: &mut Ctx<'_>, parsed: Parsed) -> Option<Policy> {
                 }
             } else {
                 match portal_idx.get(sel) {
-                    Some(&p) => {
-                        portals.insert(p);
-                    }
+                    Some(&p) => portals.push(p),
                     None if !ctx.poisoned.contains(&Kind::Portal) => {
                         let span = ctx.elem(Kind::Access, item, "from", j);
                         ctx.push(unknown(Code::UnknownPortal, "portal", sel, item.file, span));
@@ -783,16 +792,14 @@ fn semantic(ctx: &mut Ctx<'_>, parsed: Parsed) -> Option<Policy> {
                 }
             }
         }
-        let portal_idx_list: Vec<u32> = portals.into_iter().collect();
+        portals.sort_unstable();
+        portals.dedup();
+        let portal_idx_list = portals;
         let name_span = ctx.field(Kind::Access, item, "name");
         relays_by_rule.push(rule_relays.iter().copied().collect::<Vec<u32>>());
         access_out.push(AccessRule {
             name: a.name.clone(),
             from: sorted_unique(&a.from),
-            portals: portal_idx_list
-                .iter()
-                .map(|&p| portal_out[p as usize].name.clone())
-                .collect(),
             listen: a.listen.clone(),
             service: a.service.clone(),
             relay_selectors: a.relays.as_deref().map(sorted_unique).unwrap_or_default(),
@@ -807,25 +814,21 @@ fn semantic(ctx: &mut Ctx<'_>, parsed: Parsed) -> Option<Policy> {
         });
     }
 
-    // Indexes.
-    let mut rules_by_service = vec![Vec::new(); service_out.len()];
-    let mut rules_by_portal = vec![Vec::new(); portal_out.len()];
-    for (r, rule) in access_out.iter().enumerate() {
-        if let Some(list) = rules_by_service.get_mut(rule.service_idx as usize) {
-            list.push(r as u32);
-        }
-        for &p in &rule.portal_idx {
-            rules_by_portal[p as usize].push(r as u32);
-        }
-    }
-
+    let index = Index::build(
+        &portal_out,
+        &service_out,
+        &relay_out,
+        &access_out,
+        relays_by_rule,
+        revoked_keys.keys().copied().collect(),
+    );
     listen_conflicts(
         ctx,
         &access,
         &access_out,
         &service_out,
         &portal_out,
-        &rules_by_portal,
+        &index.grants,
     );
 
     // Warnings about what cannot work.
@@ -842,7 +845,7 @@ fn semantic(ctx: &mut Ctx<'_>, parsed: Parsed) -> Option<Policy> {
         );
     }
     for (i, item) in services.iter().enumerate() {
-        if rules_by_service[i].is_empty() && !ctx.poisoned.contains(&Kind::Access) {
+        if index.rules_by_service[i].is_empty() && !ctx.poisoned.contains(&Kind::Access) {
             let span = ctx.field(Kind::Service, item, "name");
             ctx.push(
                 Diagnostic::new(
@@ -897,20 +900,6 @@ fn semantic(ctx: &mut Ctx<'_>, parsed: Parsed) -> Option<Policy> {
         }
     }
 
-    let index = Index {
-        portal: portal_idx,
-        service: service_idx,
-        relay: relay_idx,
-        access: access_out
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (a.name.clone(), i as u32))
-            .collect(),
-        rules_by_service,
-        rules_by_portal,
-        relays_by_rule,
-        revoked: revoked_keys.keys().copied().collect(),
-    };
     Some(
         Policy {
             hash: String::new(),
@@ -937,12 +926,12 @@ fn unknown(code: Code, kind: &str, name: &str, file: usize, span: Range<usize>) 
 /// Two rules that give one portal listeners on the same port and protocol, where the
 /// addresses overlap (equal, or either is the unspecified address).
 fn listen_conflicts(
-    ctx: &mut Ctx<'_>,
+    ctx: &mut Ctx,
     items: &[Item<AccessSrc>],
     rules: &[AccessRule],
     services: &[Service],
     portals: &[Portal],
-    rules_by_portal: &[Vec<u32>],
+    grants: &crate::compiled::Grants,
 ) {
     let protocol = |r: &AccessRule| {
         services
@@ -951,19 +940,31 @@ fn listen_conflicts(
     };
     // (rule a, rule b) -> portals affected
     let mut conflicts: BTreeMap<(u32, u32), Vec<u32>> = BTreeMap::new();
-    for (p, list) in rules_by_portal.iter().enumerate() {
-        let mut by_port: HashMap<(Protocol, u16), Vec<u32>> = HashMap::new();
-        for &r in list {
-            if let Some(sa) = rules[r as usize].listen_addr {
-                by_port
-                    .entry((protocol(&rules[r as usize]), sa.port()))
-                    .or_default()
-                    .push(r);
-            }
+    // One scratch list reused for every portal: (protocol, port, rule), sorted, so rules on
+    // the same port stand next to each other. Called for every portal: no allocation inside.
+    let mut scratch: Vec<(Protocol, u16, u32)> = Vec::new();
+    for p in 0..grants.portals() {
+        let list = grants.of(p as u32);
+        if list.len() < 2 {
+            continue;
         }
-        for group in by_port.values().filter(|g| g.len() > 1) {
-            for (i, &a) in group.iter().enumerate() {
-                for &b in &group[i + 1..] {
+        scratch.clear();
+        scratch.extend(list.iter().filter_map(|&(_, r)| {
+            let rule = &rules[r as usize];
+            rule.listen_addr.map(|sa| (protocol(rule), sa.port(), r))
+        }));
+        scratch.sort_unstable();
+        let mut start = 0;
+        while start < scratch.len() {
+            let key = (scratch[start].0, scratch[start].1);
+            let end = start
+                + scratch[start..]
+                    .iter()
+                    .take_while(|e| (e.0, e.1) == key)
+                    .count();
+            let group = &scratch[start..end];
+            for (i, &(_, _, a)) in group.iter().enumerate() {
+                for &(_, _, b) in &group[i + 1..] {
                     let (x, y) = (rules[a as usize].listen_addr, rules[b as usize].listen_addr);
                     let (Some(x), Some(y)) = (x, y) else { continue };
                     if x.ip() == y.ip() || x.ip().is_unspecified() || y.ip().is_unspecified() {
@@ -974,6 +975,7 @@ fn listen_conflicts(
                     }
                 }
             }
+            start = end;
         }
     }
     for ((a, b), affected) in conflicts {
@@ -1022,7 +1024,7 @@ fn listen_conflicts(
     }
 }
 
-fn run_tests(ctx: &mut Ctx<'_>, policy: &Policy, summary: &mut TestSummary) {
+fn run_tests(ctx: &mut Ctx, policy: &Policy, summary: &mut TestSummary) {
     for t in &policy.tests {
         let got = policy.decide(&Request::new(&t.from, &t.service));
         let pass = matches!(

@@ -31,8 +31,8 @@ impl fmt::Display for Protocol {
 /// Where a definition was written: `file:line`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Origin {
-    /// The file, as shown in diagnostics.
-    pub file: String,
+    /// The file, as shown in diagnostics (shared by every definition in it).
+    pub file: std::sync::Arc<str>,
     /// 1-based line.
     pub line: usize,
 }
@@ -111,8 +111,6 @@ pub struct AccessRule {
     pub name: String,
     /// Selectors as written (sorted).
     pub from: Vec<String>,
-    /// The portals the selectors match (sorted names).
-    pub portals: Vec<String>,
     /// Listen address as written.
     pub listen: String,
     /// The service granted.
@@ -133,6 +131,13 @@ pub struct AccessRule {
 }
 
 impl AccessRule {
+    /// The portals this rule's selectors match, in name order.
+    pub fn portals<'p>(&'p self, policy: &'p Policy) -> impl Iterator<Item = &'p Portal> + 'p {
+        self.portal_idx
+            .iter()
+            .map(move |&p| &policy.portals[p as usize])
+    }
+
     /// The parsed listen address.
     pub fn listen_addr(&self) -> Option<SocketAddr> {
         self.listen_addr
@@ -207,11 +212,100 @@ pub(crate) struct Index {
     pub access: HashMap<String, u32>,
     /// Access rules per service, in name order.
     pub rules_by_service: Vec<Vec<u32>>,
-    /// Access rules per portal, in name order.
-    pub rules_by_portal: Vec<Vec<u32>>,
+    /// Per portal: (service, rule) pairs sorted by service, then rule name, so `decide` finds
+    /// the deciding rule with one binary search.
+    pub grants: Grants,
     /// Relay indexes each access rule may use.
     pub relays_by_rule: Vec<Vec<u32>>,
     pub revoked: HashSet<[u8; 32]>,
+}
+
+impl Index {
+    /// Builds the lookup tables from the sorted definitions (shared by compilation and by
+    /// [`Policy::thaw`]).
+    pub(crate) fn build(
+        portals: &[Portal],
+        services: &[Service],
+        relays: &[Relay],
+        access: &[AccessRule],
+        relays_by_rule: Vec<Vec<u32>>,
+        revoked: HashSet<[u8; 32]>,
+    ) -> Index {
+        let mut rules_by_service = vec![Vec::new(); services.len()];
+        for (r, rule) in access.iter().enumerate() {
+            if let Some(list) = rules_by_service.get_mut(rule.service_idx as usize) {
+                list.push(r as u32);
+            }
+        }
+        let grants = Grants::build(portals.len(), access);
+        let names = |it: &mut dyn Iterator<Item = &String>| -> HashMap<String, u32> {
+            it.enumerate().map(|(i, n)| (n.clone(), i as u32)).collect()
+        };
+        Index {
+            portal: names(&mut portals.iter().map(|p| &p.name)),
+            service: names(&mut services.iter().map(|s| &s.name)),
+            relay: names(&mut relays.iter().map(|r| &r.name)),
+            access: names(&mut access.iter().map(|a| &a.name)),
+            rules_by_service,
+            grants,
+            relays_by_rule,
+            revoked,
+        }
+    }
+}
+
+/// Every portal's (service, rule) pairs, sorted by service and then rule name, in one flat
+/// array with offsets: two allocations however many portals there are.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Grants {
+    start: Vec<u32>,
+    pairs: Vec<(u32, u32)>,
+}
+
+impl Grants {
+    fn build(portals: usize, access: &[AccessRule]) -> Grants {
+        let mut start = vec![0u32; portals + 1];
+        for rule in access {
+            for &p in &rule.portal_idx {
+                if let Some(n) = start.get_mut(p as usize + 1) {
+                    *n += 1;
+                }
+            }
+        }
+        for i in 1..start.len() {
+            start[i] += start[i - 1];
+        }
+        let mut fill = start.clone();
+        let mut pairs = vec![(0u32, 0u32); start[portals] as usize];
+        for (r, rule) in access.iter().enumerate() {
+            for &p in &rule.portal_idx {
+                if let Some(at) = fill.get_mut(p as usize) {
+                    pairs[*at as usize] = (rule.service_idx, r as u32);
+                    *at += 1;
+                }
+            }
+        }
+        // Rule indexes follow name order, so (service, rule) order is name order within a
+        // service.
+        for w in start.windows(2) {
+            pairs[w[0] as usize..w[1] as usize].sort_unstable();
+        }
+        Grants { start, pairs }
+    }
+
+    /// The (service, rule) pairs of portal `p`.
+    pub(crate) fn of(&self, p: u32) -> &[(u32, u32)] {
+        let (Some(&a), Some(&b)) = (self.start.get(p as usize), self.start.get(p as usize + 1))
+        else {
+            return &[];
+        };
+        &self.pairs[a as usize..b as usize]
+    }
+
+    /// Number of portals covered.
+    pub(crate) fn portals(&self) -> usize {
+        self.start.len().saturating_sub(1)
+    }
 }
 
 /// The part of the policy that the hash covers.
@@ -228,6 +322,17 @@ struct Hashed<'a> {
 impl Policy {
     pub(crate) fn seal(mut self) -> Self {
         use sha2::{Digest, Sha256};
+        /// Feeds serialized JSON straight into the hasher, without building the document.
+        struct HashWriter(Sha256);
+        impl std::io::Write for HashWriter {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.update(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
         let hashed = Hashed {
             format: 1,
             portals: &self.portals,
@@ -236,8 +341,10 @@ impl Policy {
             access: &self.access,
             revoked: &self.revoked,
         };
-        let bytes = serde_json::to_vec(&hashed).unwrap_or_default();
-        self.hash = hex::encode(Sha256::digest(&bytes));
+        let mut w = HashWriter(Sha256::new());
+        // Writing into a hasher cannot fail, and these types always serialize.
+        let _ = serde_json::to_writer(&mut w, &hashed);
+        self.hash = hex::encode(w.0.finalize());
         self
     }
 
@@ -282,16 +389,17 @@ impl Policy {
     /// A revoked portal gets none, and no listener is held for a service whose portal is
     /// revoked: the same requests `decide` would refuse.
     pub fn listeners_for(&self, portal: &str) -> impl Iterator<Item = &AccessRule> {
-        let rules = self
+        let mut rules: Vec<u32> = self
             .index
             .portal
             .get(portal)
             .filter(|&&p| !self.portals[p as usize].revoked)
-            .and_then(|&p| self.index.rules_by_portal.get(p as usize));
+            .map(|&p| self.index.grants.of(p).iter().map(|&(_, r)| r).collect())
+            .unwrap_or_default();
+        rules.sort_unstable();
         rules
             .into_iter()
-            .flatten()
-            .map(|&r| &self.access[r as usize])
+            .map(|r| &self.access[r as usize])
             .filter(|rule| {
                 self.services
                     .get(rule.service_idx as usize)

@@ -117,10 +117,14 @@ impl Policy {
             return Err(deny(DenyReason::UnknownPortal, None));
         };
         let rules = &self.index.rules_by_service[s as usize];
-        let matched = rules
-            .iter()
-            .copied()
-            .find(|&r| self.access[r as usize].portal_idx.binary_search(&p).is_ok());
+        // The portal's grants are sorted by (service, rule name): the first entry for this
+        // service is the deciding rule.
+        let grants = self.index.grants.of(p);
+        let first = grants.partition_point(|&(svc, _)| svc < s);
+        let matched = grants
+            .get(first)
+            .filter(|&&(svc, _)| svc == s)
+            .map(|&(_, r)| r);
         let portal = &self.portals[p as usize];
         let service = &self.services[s as usize];
         let would = matched.map(|r| &self.access[r as usize]);

@@ -119,6 +119,14 @@ impl Policy {
 
 /// Compares two policies.
 pub fn diff(old: &Policy, new: &Policy) -> PolicyDiff {
+    if old.hash == new.hash {
+        // The hash covers every grant, relay and revocation.
+        return PolicyDiff {
+            old_hash: old.hash.clone(),
+            new_hash: new.hash.clone(),
+            ..PolicyDiff::default()
+        };
+    }
     let old_grants = old.grants();
     let new_grants = new.grants();
     let old_keys: BTreeSet<_> = old_grants.iter().map(Grant::key).collect();

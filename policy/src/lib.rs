@@ -17,6 +17,7 @@ mod compiled;
 mod decide;
 mod diag;
 mod diff;
+mod freeze;
 mod node;
 mod schema;
 mod source;
@@ -30,5 +31,6 @@ pub use diag::{
     Code, Diagnostic, Label, Location, Severity, locate, render_plain, term_config, to_codespan,
 };
 pub use diff::{Grant, PolicyDiff, RelayChange, diff};
+pub use freeze::input_key;
 pub use schema::SCHEMA;
 pub use source::{LoadError, SourceFile, load_dir};

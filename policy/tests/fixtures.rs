@@ -110,7 +110,18 @@ fn valid_fixtures() {
         assert_eq!(report.tests.passed, policy.tests.len(), "{case}");
 
         let json = serde_json::to_string_pretty(policy).unwrap_or_else(|e| panic!("{case}: {e}"));
-        let snapshot = format!("{json}\n\n{}\n", summary_line(&report));
+        // The expanded grants: what the selectors and tags add up to.
+        let grants: String = policy
+            .grants()
+            .iter()
+            .map(|g| {
+                format!(
+                    "grant {} {} -> {} {} {} (rule {})\n",
+                    g.portal, g.listen, g.service, g.target, g.protocol, g.rule
+                )
+            })
+            .collect();
+        let snapshot = format!("{json}\n\n{grants}\n{}\n", summary_line(&report));
         insta::assert_snapshot!(snapshot);
     });
     assert!(

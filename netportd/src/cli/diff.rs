@@ -22,10 +22,10 @@ pub struct Args {
 
 pub fn run(args: Args, color: Color) -> u8 {
     // An invalid input is a usage problem here: exit 1 is reserved for "they differ".
-    let Ok(old) = super::load_valid(&args.old, color, "old") else {
+    let Ok(old) = super::load_valid(&args.old, color, "old ", false) else {
         return EXIT_USAGE;
     };
-    let Ok(new) = super::load_valid(&args.new, color, "new") else {
+    let Ok(new) = super::load_valid(&args.new, color, "new ", false) else {
         return EXIT_USAGE;
     };
     let d = netport_policy::diff(&old, &new);

@@ -20,10 +20,15 @@ pub struct Args {
     /// Exit 1 when the verdict is deny.
     #[arg(long)]
     pub exit_code: bool,
+    /// Check the policy even if it is unchanged since the last run. By default the compiled
+    /// policy is cached (in $NETPORT_CACHE_DIR, $XDG_CACHE_HOME/netport or ~/.cache/netport),
+    /// keyed by the exact contents of every file.
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 pub fn run(args: Args, color: Color) -> u8 {
-    let policy = match super::load_valid(&args.dir, color, "") {
+    let policy = match super::load_valid(&args.dir, color, "", !args.no_cache) {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -40,6 +45,8 @@ pub fn run(args: Args, color: Color) -> u8 {
             super::print_json(&v);
         }
     }
+    // A large policy takes a while to free; the process is about to exit anyway.
+    std::mem::forget(policy);
     if args.exit_code && e.verdict == Verdict::Deny {
         EXIT_FAIL
     } else {

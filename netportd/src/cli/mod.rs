@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod ca;
+mod cache;
 mod check;
 mod diff;
 mod explain;
@@ -97,23 +98,47 @@ pub fn run(cli: Cli) -> ExitCode {
 pub type Dir = PathBuf;
 
 /// Loads a policy for a command that needs a valid one; prints why not and returns the exit
-/// code otherwise.
-pub fn load_valid(dir: &Dir, color: Color, what: &str) -> Result<netport_policy::Policy, u8> {
-    let report = match netport_policy::load(dir) {
-        Ok(r) => r,
+/// code otherwise. With `cache`, an unchanged directory is read from the compiled-policy
+/// cache instead of being checked again.
+pub fn load_valid(
+    dir: &Dir,
+    color: Color,
+    what: &str,
+    cache: bool,
+) -> Result<netport_policy::Policy, u8> {
+    let sources = match netport_policy::load_dir(dir) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
             return Err(EXIT_USAGE);
         }
     };
-    match report.policy {
-        Some(p) => Ok(p),
+    let key = if cache {
+        match cache::get(dir, &sources) {
+            (Some(policy), _) => {
+                // Freeing the sources costs time for nothing: the command exits soon.
+                std::mem::forget(sources);
+                return Ok(policy);
+            }
+            (None, key) => Some(key),
+        }
+    } else {
+        None
+    };
+    let mut report = netport_policy::check(sources);
+    match report.policy.take() {
+        Some(p) => {
+            if let Some(key) = key {
+                cache::put(dir, &key, &p);
+            }
+            Ok(p)
+        }
         None => {
             let mut err = std::io::stderr().lock();
             check::emit_text(&report, color, &mut err, true);
             let _ = writeln!(
                 err,
-                "error: the {what} policy in {} has errors; `netportd check {}` lists them",
+                "error: the {what}policy in {} has errors; `netportd check {}` lists them",
                 dir.display(),
                 dir.display()
             );
