@@ -14,13 +14,22 @@ for dir in examples/policies/*/; do
   step "$np" check "$dir"
 done
 
-step "$np" explain examples/policies/company --from alice-laptop --service git-ssh
-step "$np" explain examples/policies/company --from carol-contractor --service finance-db
-step "$np" explain examples/policies/company --from alice-laptop --service git-ssh --format json
+step "$np" explain examples/policies/company --from carol-laptop2 --service gitlab-ssh
+step "$np" explain examples/policies/company --from judy-laptop --service erp-db
+step "$np" explain examples/policies/company --from carol-laptop --service gitlab-ssh --format json
 
-# A change as it would come in a pull request: a copy of the policy with one grant removed.
+# A change as it would come in a pull request: the phone may now also reach the NAS's file
+# shares. `check` validates it (embedded tests included); `diff` shows the grant it adds.
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cp -r examples/policies/home-lab "$work/old"
 cp -r examples/policies/home-lab "$work/new"
-step "$np" diff "$work/old" "$work/new" --exit-code
+cat >> "$work/new/access.toml" <<'TOML'
+
+[[access]]
+name = "phone-smb"
+from = ["phone"]
+listen = "127.0.0.1:4450"
+service = "nas-smb"
+TOML
+step "$np" check "$work/new"
+step "$np" diff examples/policies/home-lab "$work/new"
