@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod identity;
+pub mod relay;
 pub mod tls;
 
 /// The TLS ALPN protocol id of the native control protocol, version 1.

@@ -1,0 +1,171 @@
+//! `relayd.toml`: parsed, then validated completely before any socket is opened.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use netport_proto::identity::Role;
+use netport_proto::tls::Credentials;
+use serde::Deserialize;
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaydToml {
+    /// netportd control addresses (`host:port`), tried in turn.
+    pub servers: Vec<String>,
+    /// Name to verify on the server certificate (default: the host of each server address).
+    pub server_name: Option<String>,
+    /// Host or IP that portals dial; announced to the server.
+    pub public_address: String,
+    /// Local address the allocation ports bind to (default 0.0.0.0).
+    #[serde(default = "default_bind")]
+    pub bind: IpAddr,
+    /// Allocation port range, FIRST-LAST.
+    pub ports: String,
+    /// Allocations held at once (default: half the ports).
+    pub capacity: Option<u32>,
+    /// Seconds a connection may stay silent before sending its hello (default 5).
+    #[serde(default = "default_hello_timeout")]
+    pub hello_timeout_secs: u64,
+    /// Certificates.
+    pub tls: TlsToml,
+}
+
+/// Certificate files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsToml {
+    /// The Netport CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This relay's certificate chain (PEM), `netport://relay/<name>`.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+}
+
+fn default_bind() -> IpAddr {
+    IpAddr::from([0, 0, 0, 0])
+}
+
+fn default_hello_timeout() -> u64 {
+    5
+}
+
+/// A validated configuration: everything the daemon needs, nothing left to check.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Control addresses with the name to verify for each.
+    pub servers: Vec<(String, String)>,
+    /// Announced address.
+    pub public_address: String,
+    /// Bind address of allocation ports.
+    pub bind: IpAddr,
+    /// First allocation port.
+    pub port_first: u16,
+    /// Last allocation port.
+    pub port_last: u16,
+    /// Allocations held at once.
+    pub capacity: u32,
+    /// Hello deadline.
+    pub hello_timeout: std::time::Duration,
+    /// TLS credentials.
+    pub credentials: Credentials,
+}
+
+impl Config {
+    /// Reads and validates `path`. Errors name the key and the fix.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the configuration {}", path.display()))?;
+        let raw: RelaydToml = toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid relayd.toml", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::validate(raw, base)
+    }
+
+    /// Validates a parsed file; relative certificate paths are taken from `base`.
+    pub fn validate(raw: RelaydToml, base: &Path) -> Result<Config> {
+        if raw.servers.is_empty() {
+            bail!(
+                "`servers` is empty: list at least one netportd address, like [\"netportd.example.net:7443\"]"
+            );
+        }
+        let mut servers = Vec::new();
+        for s in &raw.servers {
+            let host = host_of(s).with_context(|| {
+                format!("`servers` entry `{s}` is not host:port (for example \"netportd.example.net:7443\")")
+            })?;
+            servers.push((s.clone(), raw.server_name.clone().unwrap_or(host)));
+        }
+        if raw.public_address.trim().is_empty() {
+            bail!(
+                "`public_address` is empty: give the host or IP portals dial to reach this relay"
+            );
+        }
+        let (port_first, port_last) = parse_range(&raw.ports).with_context(|| {
+            format!("`ports` = \"{}\" is not a range FIRST-LAST with at least two ports, like \"40000-40999\"", raw.ports)
+        })?;
+        // Each allocation takes two ports of the range.
+        let pairs = (u32::from(port_last) - u32::from(port_first)).div_ceil(2);
+        let capacity = raw.capacity.unwrap_or(pairs);
+        if capacity == 0 || capacity > pairs {
+            bail!(
+                "`capacity` = {capacity} must be between 1 and {pairs} (each allocation takes two ports of `ports`)"
+            );
+        }
+        let credentials = load_credentials(&raw.tls, base, Role::Relay)?;
+        Ok(Config {
+            servers,
+            public_address: raw.public_address,
+            bind: raw.bind,
+            port_first,
+            port_last,
+            capacity,
+            hello_timeout: std::time::Duration::from_secs(raw.hello_timeout_secs.max(1)),
+            credentials,
+        })
+    }
+}
+
+/// Loads certificate, key and CA, and checks the certificate is for `role`.
+pub fn load_credentials(tls: &TlsToml, base: &Path, role: Role) -> Result<Credentials> {
+    let read = |key: &str, p: &Path| {
+        let full = base.join(p);
+        std::fs::read(&full).with_context(|| {
+            format!("`tls.{key}`: cannot read {} (check the path; `netportd ca issue` writes these files)", full.display())
+        })
+    };
+    let creds = Credentials::from_pem(
+        &read("cert", &tls.cert)?,
+        &read("key", &tls.key)?,
+        &read("ca", &tls.ca)?,
+    )
+    .context(
+        "`tls`: the certificate, key and CA do not fit together (is `key` the key of `cert`?)",
+    )?;
+    if creds.identity().role != role {
+        bail!(
+            "`tls.cert` is for {}, but this daemon needs a {} certificate (`netportd ca issue {} NAME`)",
+            creds.identity(),
+            role.as_str(),
+            role.as_str()
+        );
+    }
+    Ok(creds)
+}
+
+fn host_of(addr: &str) -> Option<String> {
+    if let Ok(sa) = addr.parse::<SocketAddr>() {
+        return Some(sa.ip().to_string());
+    }
+    let (host, port) = addr.rsplit_once(':')?;
+    port.parse::<u16>().ok().filter(|p| *p != 0)?;
+    (!host.is_empty() && !host.contains(':')).then(|| host.to_string())
+}
+
+fn parse_range(s: &str) -> Option<(u16, u16)> {
+    let (a, b) = s.split_once('-')?;
+    let (a, b): (u16, u16) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (a > 0 && a < b).then_some((a, b))
+}

@@ -1,0 +1,284 @@
+//! Allocations: a port pair, two single-use tokens, one connection per side, then a splice.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use netport_proto::control::Message;
+use netport_proto::relay::{self, BAD_TOKEN, HELLO_LEN, READY, Token};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+
+use crate::config::Config;
+
+/// An allocation that ended, for the server.
+#[derive(Debug)]
+pub struct Closed {
+    pub alloc_id: u64,
+    pub a_to_b: u64,
+    pub b_to_a: u64,
+    pub reason: String,
+}
+
+/// Bad hellos an allocation tolerates before it is torn down: tokens are 256-bit random,
+/// so anything beyond a few mistakes is guessing.
+const MAX_BAD_HELLOS: u32 = 8;
+
+struct Entry {
+    ports: (u16, u16),
+    task: AbortHandle,
+}
+
+/// The live allocations.
+#[derive(Clone)]
+pub struct Allocations {
+    config: Arc<Config>,
+    live: Arc<Mutex<HashMap<u64, Entry>>>,
+    closed: mpsc::UnboundedSender<Closed>,
+    cursor: Arc<Mutex<u16>>,
+}
+
+impl Allocations {
+    pub fn new(config: Arc<Config>) -> (Allocations, mpsc::UnboundedReceiver<Closed>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let first = config.port_first;
+        (
+            Allocations {
+                config,
+                live: Arc::default(),
+                closed: tx,
+                cursor: Arc::new(Mutex::new(first)),
+            },
+            rx,
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens a port pair for the tokens; answers `Allocated` or `AllocateFailed`.
+    pub async fn allocate(
+        &self,
+        alloc_id: u64,
+        token_a: &str,
+        token_b: &str,
+        ttl: Duration,
+    ) -> Message {
+        let failed = |reason: &str| Message::AllocateFailed {
+            alloc_id,
+            reason: reason.to_string(),
+        };
+        let (Some(ta), Some(tb)) = (
+            relay::token_from_hex(token_a),
+            relay::token_from_hex(token_b),
+        ) else {
+            return failed("malformed token");
+        };
+        if self.lock().len() >= self.config.capacity as usize {
+            return failed("relay at capacity");
+        }
+        if self.lock().contains_key(&alloc_id) {
+            return failed("allocation id in use");
+        }
+        let Some((la, lb)) = self.bind_pair() else {
+            return failed("no free port pair");
+        };
+        let ports = (port(&la), port(&lb));
+        let this = self.clone();
+        let hello_timeout = self.config.hello_timeout;
+        let task = tokio::spawn(async move {
+            let outcome = pair_and_splice(alloc_id, la, lb, ta, tb, ttl, hello_timeout).await;
+            this.lock().remove(&alloc_id);
+            let _ = this.closed.send(outcome);
+        });
+        self.lock().insert(
+            alloc_id,
+            Entry {
+                ports,
+                task: task.abort_handle(),
+            },
+        );
+        tracing::info!(
+            alloc_id,
+            port_a = ports.0,
+            port_b = ports.1,
+            "allocation opened"
+        );
+        Message::Allocated {
+            alloc_id,
+            port_a: ports.0,
+            port_b: ports.1,
+        }
+    }
+
+    /// Binds two free ports of the range, starting after the last one handed out.
+    fn bind_pair(&self) -> Option<(TcpListener, TcpListener)> {
+        let (first, last) = (self.config.port_first, self.config.port_last);
+        let span = u32::from(last - first) + 1;
+        let in_use: Vec<u16> = self
+            .lock()
+            .values()
+            .flat_map(|e| [e.ports.0, e.ports.1])
+            .collect();
+        let mut cursor = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        let mut got = Vec::with_capacity(2);
+        for step in 0..span {
+            let port = first + ((u32::from(*cursor - first) + step) % span) as u16;
+            if in_use.contains(&port) {
+                continue;
+            }
+            let addr = SocketAddr::new(self.config.bind, port);
+            // std bind is synchronous and cannot block; then hand the socket to tokio.
+            let Ok(l) = std::net::TcpListener::bind(addr) else {
+                continue;
+            };
+            if l.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let Ok(l) = TcpListener::from_std(l) else {
+                continue;
+            };
+            got.push(l);
+            if got.len() == 2 {
+                *cursor = first + ((u32::from(port - first) + 1) % span) as u16;
+                let b = got.pop()?;
+                let a = got.pop()?;
+                return Some((a, b));
+            }
+        }
+        None
+    }
+
+    /// Drops an allocation and its connections.
+    pub fn release(&self, alloc_id: u64) {
+        if let Some(e) = self.lock().remove(&alloc_id) {
+            e.task.abort();
+            tracing::info!(alloc_id, "allocation released by netportd");
+            let _ = self.closed.send(Closed {
+                alloc_id,
+                a_to_b: 0,
+                b_to_a: 0,
+                reason: "released".into(),
+            });
+        }
+    }
+
+    /// Drops everything (shutdown).
+    pub fn close_all(&self) {
+        for (_, e) in self.lock().drain() {
+            e.task.abort();
+        }
+    }
+}
+
+fn port(l: &TcpListener) -> u16 {
+    l.local_addr().map(|a| a.port()).unwrap_or(0)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Side {
+    A,
+    B,
+}
+
+async fn read_hello(mut s: TcpStream, timeout: Duration) -> (TcpStream, Option<Token>) {
+    let mut hello = [0u8; HELLO_LEN];
+    let token = match tokio::time::timeout(timeout, s.read_exact(&mut hello)).await {
+        Ok(Ok(_)) => relay::parse_hello(&hello).ok(),
+        _ => None,
+    };
+    (s, token)
+}
+
+async fn pair_and_splice(
+    alloc_id: u64,
+    la: TcpListener,
+    lb: TcpListener,
+    ta: Token,
+    tb: Token,
+    ttl: Duration,
+    hello_timeout: Duration,
+) -> Closed {
+    let deadline = Instant::now() + ttl;
+    let mut pending: JoinSet<(Side, SocketAddr, TcpStream, Option<Token>)> = JoinSet::new();
+    let (mut a, mut b): (Option<TcpStream>, Option<TcpStream>) = (None, None);
+    let mut bad = 0u32;
+    let closed = |reason: &str| Closed {
+        alloc_id,
+        a_to_b: 0,
+        b_to_a: 0,
+        reason: reason.to_string(),
+    };
+    while a.is_none() || b.is_none() {
+        tokio::select! {
+            // Both ports keep accepting until the pair is complete, so a reused token gets
+            // an answer rather than a connection left hanging in the backlog.
+            r = la.accept() => {
+                if let Ok((s, peer)) = r {
+                    pending.spawn(async move { let (s, t) = read_hello(s, hello_timeout).await; (Side::A, peer, s, t) });
+                }
+            }
+            r = lb.accept() => {
+                if let Ok((s, peer)) = r {
+                    pending.spawn(async move { let (s, t) = read_hello(s, hello_timeout).await; (Side::B, peer, s, t) });
+                }
+            }
+            Some(Ok((side, peer, mut s, token))) = pending.join_next(), if !pending.is_empty() => {
+                let (want, slot) = match side {
+                    Side::A => (&ta, &mut a),
+                    Side::B => (&tb, &mut b),
+                };
+                match token {
+                    Some(t) if relay::tokens_equal(&t, want) && slot.is_none() => {
+                        tracing::debug!(alloc_id, ?side, %peer, "side joined");
+                        *slot = Some(s);
+                    }
+                    _ => {
+                        bad += 1;
+                        let why = if token.is_none() { "no valid hello" } else { "wrong or reused token" };
+                        tracing::warn!(alloc_id, ?side, %peer, bad, "refused a connection: {why}");
+                        let _ = s.write_all(BAD_TOKEN).await;
+                        if bad >= MAX_BAD_HELLOS {
+                            tracing::warn!(alloc_id, "too many bad hellos: closing the allocation (token guessing?)");
+                            return closed("token-guessing");
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::info!(alloc_id, "allocation expired before both sides joined");
+                return closed("expired");
+            }
+        }
+    }
+    // Both in: stop listening (a third connection is refused by the kernel), then splice.
+    drop((la, lb));
+    pending.abort_all();
+    let (Some(mut a), Some(mut b)) = (a, b) else {
+        return closed("internal");
+    };
+    let _ = a.set_nodelay(true);
+    let _ = b.set_nodelay(true);
+    if a.write_all(READY).await.is_err() || b.write_all(READY).await.is_err() {
+        return closed("peer left before ready");
+    }
+    tracing::info!(alloc_id, "paired; forwarding");
+    let result =
+        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 * 1024, 64 * 1024).await;
+    let (a_to_b, b_to_a, reason) = match result {
+        Ok((x, y)) => (x, y, "closed".to_string()),
+        Err(e) => (0, 0, format!("error: {e}")),
+    };
+    tracing::info!(alloc_id, a_to_b, b_to_a, %reason, "allocation closed");
+    Closed {
+        alloc_id,
+        a_to_b,
+        b_to_a,
+        reason,
+    }
+}
