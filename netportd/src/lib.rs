@@ -8,3 +8,4 @@
 //! `explain`, `diff`, `ca`) is the binary's, in `src/cli/`.
 
 pub mod pki;
+pub mod server;

@@ -1,5 +1,93 @@
 //! `portal`: the Netport agent on each device.
 //!
-//! It will own the control session to netportd, the listeners the server pushes, links to
-//! peer portals through relays, and the channels multiplexed over them.
-//! Status: the agent lands with the tunnel (issue 3); only the crate boundary exists so far.
+//! It keeps one mutual-TLS control session to netportd (several addresses tried in turn,
+//! exponential backoff with jitter, heartbeats), holds exactly the listeners the server
+//! pushes, and carries each accepted connection as a stream of a link to the serving portal:
+//! through a relay, over TLS end to end, with the peer checked against the identity the server
+//! announced. The serving side opens only the targets the server granted for that link.
+
+pub mod config;
+mod control;
+mod link;
+mod listeners;
+mod mux;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+use netport_proto::control::Message;
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use config::Config;
+
+/// Shared state of a running portal.
+pub struct Portal {
+    config: Config,
+    control: Mutex<Option<mpsc::UnboundedSender<Message>>>,
+    next_request: AtomicU64,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<Message>>>,
+    links: link::Links,
+    listeners: listeners::Listeners,
+}
+
+impl std::fmt::Debug for Portal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Portal")
+            .field("identity", &self.config.credentials.identity().to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Portal {
+    /// Sends a request to the server and waits for the answer with the same request id.
+    async fn request(
+        &self,
+        make: impl FnOnce(u64) -> Message,
+        within: std::time::Duration,
+    ) -> Result<Message> {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiting).insert(id, tx);
+        let sent = lock(&self.control)
+            .as_ref()
+            .is_some_and(|c| c.send(make(id)).is_ok());
+        if !sent {
+            lock(&self.waiting).remove(&id);
+            anyhow::bail!("not connected to netportd");
+        }
+        match tokio::time::timeout(within, rx).await {
+            Ok(Ok(m)) => Ok(m),
+            _ => {
+                lock(&self.waiting).remove(&id);
+                anyhow::bail!("netportd did not answer in time")
+            }
+        }
+    }
+
+    fn answer(&self, request_id: u64, msg: Message) {
+        if let Some(w) = lock(&self.waiting).remove(&request_id) {
+            let _ = w.send(msg);
+        }
+    }
+}
+
+/// Runs the portal until `shutdown` turns true.
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> {
+    let portal = Arc::new(Portal {
+        config,
+        control: Mutex::new(None),
+        next_request: AtomicU64::new(1),
+        waiting: Mutex::default(),
+        links: link::Links::default(),
+        listeners: listeners::Listeners::default(),
+    });
+    let result = control::run(portal.clone(), shutdown).await;
+    portal.listeners.clear();
+    result
+}

@@ -364,6 +364,17 @@ pub enum StreamError {
     Decode(#[from] DecodeError),
 }
 
+/// The host part of a `host:port` control address (for TLS name checks), or `None` when it
+/// is not `host:port` with a port from 1 to 65535.
+pub fn host_of(addr: &str) -> Option<String> {
+    if let Ok(sa) = addr.parse::<std::net::SocketAddr>() {
+        return Some(sa.ip().to_string());
+    }
+    let (host, port) = addr.rsplit_once(':')?;
+    port.parse::<u16>().ok().filter(|p| *p != 0)?;
+    (!host.is_empty() && !host.contains(':')).then(|| host.to_string())
+}
+
 /// Encodes a message as one frame.
 pub fn encode_message(msg: &Message) -> Vec<u8> {
     let body = msg.to_body();

@@ -1,6 +1,6 @@
 //! `relayd.toml`: parsed, then validated completely before any socket is opened.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -93,7 +93,7 @@ impl Config {
         }
         let mut servers = Vec::new();
         for s in &raw.servers {
-            let host = host_of(s).with_context(|| {
+            let host = netport_proto::control::host_of(s).with_context(|| {
                 format!("`servers` entry `{s}` is not host:port (for example \"netportd.example.net:7443\")")
             })?;
             servers.push((s.clone(), raw.server_name.clone().unwrap_or(host)));
@@ -153,15 +153,6 @@ pub fn load_credentials(tls: &TlsToml, base: &Path, role: Role) -> Result<Creden
         );
     }
     Ok(creds)
-}
-
-fn host_of(addr: &str) -> Option<String> {
-    if let Ok(sa) = addr.parse::<SocketAddr>() {
-        return Some(sa.ip().to_string());
-    }
-    let (host, port) = addr.rsplit_once(':')?;
-    port.parse::<u16>().ok().filter(|p| *p != 0)?;
-    (!host.is_empty() && !host.contains(':')).then(|| host.to_string())
 }
 
 fn parse_range(s: &str) -> Option<(u16, u16)> {

@@ -73,7 +73,7 @@ pub async fn session(
     let mut welcomed = false;
     let mut seq = 0u64;
     let mut last_heard = tokio::time::Instant::now();
-    let mut tick = tokio::time::interval(heartbeat);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     loop {
         tokio::select! {
             n = rd.read(&mut buf) => {
@@ -88,7 +88,7 @@ pub async fn session(
                         Message::Welcome { identity, heartbeat_secs, .. } => {
                             welcomed = true;
                             heartbeat = Duration::from_secs(u64::from(heartbeat_secs.max(1)));
-                            tick = tokio::time::interval(heartbeat);
+                            tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
                             tracing::info!(server = %addr, %identity, "registered with netportd");
                         }
                         Message::Refused { reason, message } => {

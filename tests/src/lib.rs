@@ -70,15 +70,17 @@ impl Pki {
     }
 }
 
-/// `n` distinct loopback ports that were free a moment ago, in one contiguous range.
+/// `n` contiguous loopback ports that were free a moment ago. They are taken below the
+/// kernel's ephemeral range (32768 and up), where outgoing connections of parallel tests
+/// and other programs cannot be holding them.
 pub fn free_port_range(n: u16) -> Result<(u16, u16)> {
-    'search: for _ in 0..200 {
-        let probe = TcpListener::bind("127.0.0.1:0")?;
-        let start = probe.local_addr()?.port();
-        drop(probe);
-        if u32::from(start) + u32::from(n) > 65000 {
-            continue;
-        }
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id()
+        .wrapping_mul(2_654_435_761)
+        .wrapping_add(NEXT.fetch_add(7919, Ordering::Relaxed));
+    'search: for attempt in 0..500u32 {
+        let start = 20_000 + ((seed.wrapping_add(attempt.wrapping_mul(104_729))) % 12_000) as u16;
         let mut held = Vec::new();
         for p in start..start + n {
             match TcpListener::bind(("127.0.0.1", p)) {
@@ -112,7 +114,7 @@ impl Daemon {
         let err = std::fs::File::create(log)?;
         let child = Command::new(binary(bin))
             .args(args)
-            .env("RUST_LOG", "debug")
+            .env("RUST_LOG", "info,relayd=debug,portal=debug,netportd=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
@@ -196,4 +198,162 @@ impl ControlConn {
             self.decoder.push(&buf[..n]);
         }
     }
+}
+
+/// A whole Netport on loopback: netportd, one relay, portals, with a throwaway PKI.
+pub struct System {
+    pub pki: Pki,
+    pub server_addr: SocketAddr,
+    pub daemons: Vec<(String, Daemon)>,
+}
+
+impl System {
+    /// Writes the policy (with the relay `relay-1` on 127.0.0.1 added) and starts netportd,
+    /// relay-1 and a portal for each name in `portals`.
+    pub fn start(policy: &str, portals: &[&str]) -> Result<System> {
+        let pki = Pki::new()?;
+        let dir = pki.dir.path().to_path_buf();
+        let (first, last) = free_port_range(40)?;
+        let policy_dir = dir.join("policy");
+        std::fs::create_dir_all(&policy_dir)?;
+        std::fs::write(
+            policy_dir.join("policy.toml"),
+            format!(
+                "{policy}\n[[relay]]\nname = \"relay-1\"\naddress = \"127.0.0.1\"\nports = \"{first}-{last}\"\n"
+            ),
+        )?;
+        let server = pki.issue(Role::Server, "netportd")?;
+        let (port, _) = free_port_range(1)?;
+        let server_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let tls = |f: &CertFiles| {
+            format!(
+                "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                pki.ca_path().display(),
+                f.cert.display(),
+                f.key.display()
+            )
+        };
+        let mut daemons = Vec::new();
+        let cfg = dir.join("netportd.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = [\"{server_addr}\"]\npolicy = \"{}\"\nheartbeat_secs = 2\n{}",
+                policy_dir.display(),
+                tls(&server)
+            ),
+        )?;
+        daemons.push((
+            "netportd".to_string(),
+            Daemon::start(
+                "netportd",
+                &["run", "--config", path_str(&cfg)?],
+                &dir.join("netportd.log"),
+            )?,
+        ));
+        let relay = pki.issue(Role::Relay, "relay-1")?;
+        let cfg = dir.join("relayd.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "servers = [\"{server_addr}\"]\npublic_address = \"127.0.0.1\"\nbind = \"127.0.0.1\"\nports = \"{first}-{last}\"\n{}",
+                tls(&relay)
+            ),
+        )?;
+        daemons.push((
+            "relayd".to_string(),
+            Daemon::start(
+                "relayd",
+                &["--config", path_str(&cfg)?],
+                &dir.join("relayd.log"),
+            )?,
+        ));
+        for name in portals {
+            let cert = pki.issue(Role::Portal, name)?;
+            let cfg = dir.join(format!("portal-{name}.toml"));
+            std::fs::write(
+                &cfg,
+                format!("servers = [\"{server_addr}\"]\n{}", tls(&cert)),
+            )?;
+            daemons.push((
+                format!("portal-{name}"),
+                Daemon::start(
+                    "portal",
+                    &["--config", path_str(&cfg)?],
+                    &dir.join(format!("portal-{name}.log")),
+                )?,
+            ));
+        }
+        Ok(System {
+            pki,
+            server_addr,
+            daemons,
+        })
+    }
+
+    /// The log of a daemon (`netportd`, `relayd`, `portal-NAME`).
+    pub fn log(&self, name: &str) -> String {
+        self.daemons
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d.log_text())
+            .unwrap_or_default()
+    }
+
+    /// Every log, for a failing test's message.
+    pub fn logs(&self) -> String {
+        self.daemons
+            .iter()
+            .map(|(n, d)| format!("==== {n}\n{}", d.log_text()))
+            .collect()
+    }
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().context("non-UTF-8 temporary path")
+}
+
+/// Waits until something accepts TCP connections at `addr`.
+pub async fn wait_listening(addr: &str, within: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("nothing listens on {addr} after {} s", within.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `cond` holds for the text of `log`.
+pub async fn wait_log(sys: &System, name: &str, needle: &str, within: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if sys.log(name).contains(needle) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!(
+        "`{needle}` never appeared in the {name} log:\n{}",
+        sys.logs()
+    )
+}
+
+/// An echo service on loopback: every connection gets its bytes back, half-close included.
+pub async fn echo_service() -> Result<SocketAddr> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
 }

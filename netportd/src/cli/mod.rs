@@ -11,6 +11,7 @@ mod cache;
 mod check;
 mod diff;
 mod explain;
+mod run;
 
 /// Exit code: the command did what it was asked and found nothing wrong.
 pub const EXIT_OK: u8 = 0;
@@ -61,6 +62,8 @@ pub enum Command {
     Diff(diff::Args),
     /// Run the Netport PKI: create a CA, issue portal, relay and server certificates, show one.
     Ca(ca::Args),
+    /// Run the server: accept portals and relays, decide link requests by the policy.
+    Run(run::Args),
 }
 
 /// Output format of `check`.
@@ -89,6 +92,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Check(args) => check::run(args, color),
         Command::Explain(args) => explain::run(args, color),
         Command::Diff(args) => diff::run(args, color),
+        Command::Run(args) => run::run(args),
         Command::Ca(args) => ca::run(args),
     };
     ExitCode::from(code)

@@ -1,0 +1,134 @@
+//! `netportd.toml`: parsed, then validated completely (certificates, policy) before any
+//! socket is opened.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use netport_policy::Policy;
+use netport_proto::identity::Role;
+use netport_proto::tls::Credentials;
+use serde::Deserialize;
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetportdToml {
+    /// Control listeners for portals and relays (`ip:port`).
+    pub listen: Vec<SocketAddr>,
+    /// The policy directory.
+    pub policy: PathBuf,
+    /// Seconds between heartbeats (default 10); a peer silent for three is gone.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: u32,
+    /// Seconds a link's relay tokens stay valid (default 15).
+    #[serde(default = "default_token_ttl")]
+    pub token_ttl_secs: u64,
+    /// Certificates.
+    pub tls: TlsToml,
+}
+
+/// Certificate files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsToml {
+    /// The Netport CA certificate (PEM).
+    pub ca: PathBuf,
+    /// The server's certificate chain (PEM), `netport://server/<name>`.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+}
+
+fn default_heartbeat() -> u32 {
+    10
+}
+
+fn default_token_ttl() -> u64 {
+    15
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Control listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// The policy directory.
+    pub policy_dir: PathBuf,
+    /// The policy loaded at start.
+    pub policy: Policy,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Token lifetime.
+    pub token_ttl: Duration,
+    /// Server credentials.
+    pub credentials: Credentials,
+}
+
+impl Config {
+    /// Reads and validates `path`; relative paths in it are taken from its directory.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the configuration {}", path.display()))?;
+        let raw: NetportdToml = toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid netportd.toml", path.display()))?;
+        Self::validate(raw, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// Validates a parsed file.
+    pub fn validate(raw: NetportdToml, base: &Path) -> Result<Config> {
+        if raw.listen.is_empty() {
+            bail!("`listen` is empty: give at least one control address, like [\"0.0.0.0:7443\"]");
+        }
+        if raw.heartbeat_secs == 0 {
+            bail!("`heartbeat_secs` must be at least 1");
+        }
+        if raw.token_ttl_secs == 0 {
+            bail!("`token_ttl_secs` must be at least 1");
+        }
+        let read = |key: &str, p: &Path| {
+            let full = base.join(p);
+            std::fs::read(&full).with_context(|| {
+                format!("`tls.{key}`: cannot read {} (`netportd ca init` and `netportd ca issue` write these files)", full.display())
+            })
+        };
+        let credentials = Credentials::from_pem(
+            &read("cert", &raw.tls.cert)?,
+            &read("key", &raw.tls.key)?,
+            &read("ca", &raw.tls.ca)?,
+        )
+        .context(
+            "`tls`: the certificate, key and CA do not fit together (is `key` the key of `cert`?)",
+        )?;
+        if credentials.identity().role != Role::Server {
+            bail!(
+                "`tls.cert` is for {}, but netportd needs a server certificate (`netportd ca issue server NAME --dns HOST`)",
+                credentials.identity()
+            );
+        }
+        let policy_dir = base.join(&raw.policy);
+        let report = netport_policy::load(&policy_dir).with_context(|| {
+            format!(
+                "`policy`: cannot read the policy directory {}",
+                policy_dir.display()
+            )
+        })?;
+        let Some(policy) = report.policy.clone() else {
+            bail!(
+                "`policy`: the policy in {} is not valid:\n{}run `netportd check {}` for details",
+                policy_dir.display(),
+                report.render_plain(),
+                policy_dir.display()
+            );
+        };
+        Ok(Config {
+            listen: raw.listen,
+            policy_dir,
+            policy,
+            heartbeat: Duration::from_secs(u64::from(raw.heartbeat_secs)),
+            token_ttl: Duration::from_secs(raw.token_ttl_secs),
+            credentials,
+        })
+    }
+}

@@ -1,0 +1,492 @@
+//! One control connection: identity, hello, then a portal or relay session.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use netport_policy::{Policy, Protocol, Request};
+use netport_proto::control::{
+    Decoder, LinkGrant, ListenerSpec, Message, PeerRole, RelayEndpoint, Transport, VERSION,
+    encode_message,
+};
+use netport_proto::identity::{CertInfo, Role};
+use netport_proto::relay::token_to_hex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::server::TlsStream;
+
+use super::{PortalHandle, RelayHandle, Server, lock};
+
+type Stream = TlsStream<TcpStream>;
+
+/// Reads messages from one half of a control connection.
+struct Reader {
+    rd: ReadHalf<Stream>,
+    decoder: Decoder,
+    buf: Vec<u8>,
+}
+
+impl Reader {
+    /// The next message; `Ok(None)` when the peer closed; an error after `idle` of silence.
+    async fn next(&mut self, idle: Duration) -> Result<Option<Message>> {
+        loop {
+            if let Some(m) = self.decoder.next_message()? {
+                return Ok(Some(m));
+            }
+            let n = tokio::time::timeout(idle, self.rd.read(&mut self.buf))
+                .await
+                .map_err(|_| anyhow!("no heartbeat for {} s", idle.as_secs()))??;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.decoder.push(&self.buf[..n]);
+        }
+    }
+}
+
+/// Sends queued messages and heartbeats until the queue closes or the peer goes away.
+fn writer(mut wr: WriteHalf<Stream>, heartbeat: Duration) -> mpsc::UnboundedSender<Message> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        let mut seq = 0u64;
+        loop {
+            let msg = tokio::select! {
+                m = rx.recv() => match m { Some(m) => m, None => break },
+                _ = tick.tick() => { seq += 1; Message::Heartbeat { seq } }
+            };
+            let last = matches!(msg, Message::Refused { .. });
+            if wr.write_all(&encode_message(&msg)).await.is_err() {
+                break;
+            }
+            if last {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    tx
+}
+
+pub async fn handle(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr) -> Result<()> {
+    let _ = tcp.set_nodelay(true);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server.tls.clone());
+    // A client that never finishes its handshake must not hold a task forever.
+    let stream = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+        .await
+        .context("TLS handshake timed out")?
+        .context("TLS handshake failed (wrong CA, expired or not-yet-valid certificate?)")?;
+    let info: CertInfo = netport_proto::tls::peer_info(stream.get_ref().1.peer_certificates())
+        .context("peer certificate")?;
+    let identity = info.identity()?.clone();
+    let (rd, wr) = tokio::io::split(stream);
+    let mut reader = Reader {
+        rd,
+        decoder: Decoder::new(),
+        buf: vec![0u8; 16 * 1024],
+    };
+    let tx = writer(wr, server.heartbeat);
+    let refuse = |reason: &str, message: String| {
+        tracing::warn!(%peer, %identity, reason, "refused: {message}");
+        let _ = tx.send(Message::Refused {
+            reason: reason.into(),
+            message: message.clone(),
+        });
+        anyhow!("refused {identity}: {message}")
+    };
+    let hello = reader.next(Duration::from_secs(10)).await?;
+    let Some(Message::Hello { role, versions, .. }) = hello else {
+        return Err(refuse("protocol", "the first message must be hello".into()));
+    };
+    if !versions.contains(&VERSION) {
+        return Err(refuse(
+            "version",
+            format!("this server speaks version {VERSION}, the peer offers {versions:?}"),
+        ));
+    }
+    let policy = server.policy();
+    match (role, identity.role) {
+        (PeerRole::Portal, Role::Portal) => {
+            let Some(portal) = policy.portal(&identity.name) else {
+                return Err(refuse(
+                    "unknown-portal",
+                    format!(
+                        "no portal `{}` in policy {}",
+                        identity.name,
+                        policy.short_hash()
+                    ),
+                ));
+            };
+            if portal.revoked || policy.is_revoked(&info.spki_sha256) {
+                return Err(refuse(
+                    "revoked",
+                    format!("the key of `{}` is revoked", identity.name),
+                ));
+            }
+            if portal
+                .spki_sha256
+                .as_deref()
+                .is_some_and(|pin| pin != info.spki_sha256_hex())
+            {
+                return Err(refuse(
+                    "key-mismatch",
+                    format!(
+                        "`{}` presented a key other than its pinned one",
+                        identity.name
+                    ),
+                ));
+            }
+            portal_session(server, identity.name.clone(), info, reader, tx, peer).await
+        }
+        (PeerRole::Relay, Role::Relay) => {
+            if policy.relay(&identity.name).is_none() {
+                return Err(refuse(
+                    "unknown-relay",
+                    format!(
+                        "no relay `{}` in policy {}",
+                        identity.name,
+                        policy.short_hash()
+                    ),
+                ));
+            }
+            relay_session(server, identity.name.clone(), reader, tx, peer).await
+        }
+        _ => Err(refuse(
+            "role",
+            format!(
+                "a {} certificate cannot open a {role:?} session",
+                identity.role.as_str()
+            ),
+        )),
+    }
+}
+
+fn desired_state(policy: &Policy, portal: &str) -> Message {
+    let listeners = policy
+        .listeners_for(portal)
+        .filter_map(|rule| {
+            let service = policy.service(&rule.service)?;
+            Some(ListenerSpec {
+                access: rule.name.clone(),
+                listen: rule.listen.clone(),
+                service: service.name.clone(),
+                serving_portal: service.portal.clone(),
+                transport: transport(service.protocol),
+            })
+        })
+        .collect();
+    Message::DesiredState {
+        policy: policy.hash.clone(),
+        listeners,
+    }
+}
+
+fn transport(p: Protocol) -> Transport {
+    match p {
+        Protocol::Tcp => Transport::Tcp,
+        Protocol::Udp => Transport::Udp,
+    }
+}
+
+async fn portal_session(
+    server: Arc<Server>,
+    name: String,
+    info: CertInfo,
+    mut reader: Reader,
+    tx: mpsc::UnboundedSender<Message>,
+    peer: SocketAddr,
+) -> Result<()> {
+    let conn = server.id();
+    let policy = server.policy();
+    let _ = tx.send(Message::Welcome {
+        version: VERSION,
+        identity: format!("netport://portal/{name}"),
+        policy: policy.hash.clone(),
+        heartbeat_secs: server.heartbeat.as_secs() as u32,
+    });
+    let _ = tx.send(desired_state(&policy, &name));
+    if let Some(old) = lock(&server.portals).insert(
+        name.clone(),
+        PortalHandle {
+            conn,
+            tx: tx.clone(),
+        },
+    ) {
+        // A portal reconnecting replaces its old session.
+        drop(old);
+    }
+    tracing::info!(portal = %name, %peer, spki = %info.spki_sha256_hex(), "portal connected");
+    let result = loop {
+        match reader.next(server.heartbeat * 3).await {
+            Ok(Some(Message::OpenLink { request_id, access })) => {
+                let server = server.clone();
+                let name = name.clone();
+                let tx = tx.clone();
+                let key = info.spki_sha256;
+                tokio::spawn(async move {
+                    let answer = open_link(&server, &name, &key, request_id, &access).await;
+                    if let Err(denied) = answer {
+                        tracing::info!(portal = %name, access = %access, "link denied: {denied:?}");
+                        let _ = tx.send(denied);
+                    }
+                });
+            }
+            Ok(Some(Message::LinkClosed { link_id, reason })) => {
+                tracing::debug!(portal = %name, link_id, %reason, "link closed");
+            }
+            Ok(Some(Message::Heartbeat { .. })) => {}
+            Ok(Some(other)) => tracing::debug!(portal = %name, kind = other.kind(), "ignored"),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    let mut portals = lock(&server.portals);
+    if portals.get(&name).is_some_and(|h| h.conn == conn) {
+        portals.remove(&name);
+    }
+    drop(portals);
+    tracing::info!(portal = %name, "portal disconnected");
+    result
+}
+
+/// Sets up a link for `client` through `access`; on refusal returns the `LinkDenied` to send.
+async fn open_link(
+    server: &Server,
+    client: &str,
+    key: &[u8; 32],
+    request_id: u64,
+    access: &str,
+) -> std::result::Result<(), Message> {
+    let deny = |reason: &str, rule: Option<String>, message: String| Message::LinkDenied {
+        request_id,
+        reason: reason.into(),
+        rule,
+        message,
+    };
+    let policy = server.policy();
+    let Some(rule) = policy.access_rule(access) else {
+        return Err(deny(
+            "unknown-access-rule",
+            None,
+            format!(
+                "no access rule `{access}` in policy {}",
+                policy.short_hash()
+            ),
+        ));
+    };
+    let permit = policy
+        .decide(&Request::new(client, &rule.service).with_key(key))
+        .map_err(|d| {
+            let e = policy.explain(client, &rule.service);
+            deny(d.reason.as_str(), d.closest.clone(), e.message)
+        })?;
+    let service = permit.service;
+    let serving = service.portal.clone();
+    let serving_tx = lock(&server.portals)
+        .get(&serving)
+        .map(|h| h.tx.clone())
+        .ok_or_else(|| {
+            deny(
+                "peer-offline",
+                Some(permit.rule.name.clone()),
+                format!(
+                    "portal `{serving}` serving `{}` is not connected",
+                    service.name
+                ),
+            )
+        })?;
+    // Everything the client may reach on the serving portal rides the same link.
+    let grants: Vec<LinkGrant> = policy
+        .services
+        .iter()
+        .filter(|s| s.portal == serving)
+        .filter(|s| {
+            policy
+                .decide(&Request::new(client, &s.name).with_key(key))
+                .is_ok()
+        })
+        .map(|s| LinkGrant {
+            service: s.name.clone(),
+            target: s.target.clone(),
+            transport: transport(s.protocol),
+        })
+        .collect();
+    // The rule's relays, the least loaded connected one first.
+    let (relay_name, relay_tx, alloc_id, rx) = {
+        let mut relays = lock(&server.relays);
+        let pick = permit
+            .relays()
+            .filter_map(|r| {
+                relays
+                    .get(&r.name)
+                    .map(|h| (r.name.clone(), h.live, h.capacity))
+            })
+            .filter(|(_, live, cap)| *live < *cap as usize)
+            .min_by_key(|(_, live, _)| *live);
+        let Some((relay_name, _, _)) = pick else {
+            return Err(deny(
+                "no-relay",
+                Some(permit.rule.name.clone()),
+                format!("no relay allowed by `{}` is connected", permit.rule.name),
+            ));
+        };
+        let alloc_id = server.id();
+        let (otx, orx) = oneshot::channel();
+        let Some(h) = relays.get_mut(&relay_name) else {
+            return Err(deny("no-relay", None, "relay went away".into()));
+        };
+        h.pending.insert(alloc_id, otx);
+        h.live += 1;
+        (relay_name, h.tx.clone(), alloc_id, orx)
+    };
+    let mut ta = [0u8; 32];
+    let mut tb = [0u8; 32];
+    if getrandom::fill(&mut ta).is_err() || getrandom::fill(&mut tb).is_err() {
+        return Err(deny("internal", None, "no randomness for tokens".into()));
+    }
+    let ttl = server.token_ttl;
+    let _ = relay_tx.send(Message::Allocate {
+        alloc_id,
+        token_a: token_to_hex(&ta),
+        token_b: token_to_hex(&tb),
+        ttl_ms: ttl.as_millis() as u64,
+    });
+    let ports = match tokio::time::timeout(Duration::from_secs(5), rx).await {
+        Ok(Ok(Ok(ports))) => ports,
+        other => {
+            if let Some(h) = lock(&server.relays).get_mut(&relay_name) {
+                h.pending.remove(&alloc_id);
+                h.live = h.live.saturating_sub(1);
+            }
+            let why = match other {
+                Ok(Ok(Err(reason))) => reason,
+                _ => "no answer".into(),
+            };
+            return Err(deny(
+                "no-relay",
+                Some(permit.rule.name.clone()),
+                format!("relay `{relay_name}` could not allocate: {why}"),
+            ));
+        }
+    };
+    let Some(relay) = policy.relay(&relay_name) else {
+        return Err(deny("no-relay", None, "relay left the policy".into()));
+    };
+    let endpoint = |port| RelayEndpoint {
+        relay: relay_name.clone(),
+        address: relay.address.clone(),
+        port,
+    };
+    let expires_in_ms = ttl.as_millis() as u64;
+    let _ = serving_tx.send(Message::LinkIncoming {
+        link_id: alloc_id,
+        peer: client.to_string(),
+        relay: endpoint(ports.1),
+        token: token_to_hex(&tb),
+        expires_in_ms,
+        grants,
+    });
+    let client_tx = lock(&server.portals).get(client).map(|h| h.tx.clone());
+    if let Some(tx) = client_tx {
+        let _ = tx.send(Message::LinkOffer {
+            request_id,
+            link_id: alloc_id,
+            peer: serving.clone(),
+            relay: endpoint(ports.0),
+            token: token_to_hex(&ta),
+            expires_in_ms,
+        });
+    }
+    tracing::info!(client, serving = %serving, rule = %permit.rule.name, relay = %relay_name, link_id = alloc_id, "link allocated");
+    Ok(())
+}
+
+async fn relay_session(
+    server: Arc<Server>,
+    name: String,
+    mut reader: Reader,
+    tx: mpsc::UnboundedSender<Message>,
+    peer: SocketAddr,
+) -> Result<()> {
+    let Some(Message::RelayRegister {
+        address,
+        port_first,
+        port_last,
+        capacity,
+    }) = reader.next(Duration::from_secs(10)).await?
+    else {
+        bail!("relay `{name}` did not register");
+    };
+    let conn = server.id();
+    let policy = server.policy();
+    if let Some(r) = policy.relay(&name)
+        && r.address != address
+    {
+        tracing::warn!(relay = %name, announced = %address, policy = %r.address, "relay announces another address than the policy; portals dial the policy's");
+    }
+    let _ = tx.send(Message::Welcome {
+        version: VERSION,
+        identity: format!("netport://relay/{name}"),
+        policy: policy.hash.clone(),
+        heartbeat_secs: server.heartbeat.as_secs() as u32,
+    });
+    lock(&server.relays).insert(
+        name.clone(),
+        RelayHandle {
+            conn,
+            tx: tx.clone(),
+            live: 0,
+            capacity,
+            pending: Default::default(),
+        },
+    );
+    tracing::info!(relay = %name, %peer, ports = %format!("{port_first}-{port_last}"), capacity, "relay connected");
+    let result = loop {
+        match reader.next(server.heartbeat * 3).await {
+            Ok(Some(Message::Allocated {
+                alloc_id,
+                port_a,
+                port_b,
+            })) => {
+                let waiter = lock(&server.relays)
+                    .get_mut(&name)
+                    .and_then(|h| h.pending.remove(&alloc_id));
+                if let Some(w) = waiter {
+                    let _ = w.send(Ok((port_a, port_b)));
+                }
+            }
+            Ok(Some(Message::AllocateFailed { alloc_id, reason })) => {
+                let waiter = lock(&server.relays)
+                    .get_mut(&name)
+                    .and_then(|h| h.pending.remove(&alloc_id));
+                if let Some(w) = waiter {
+                    let _ = w.send(Err(reason));
+                }
+            }
+            Ok(Some(Message::AllocationClosed {
+                alloc_id,
+                bytes_a_to_b,
+                bytes_b_to_a,
+                reason,
+            })) => {
+                if let Some(h) = lock(&server.relays).get_mut(&name) {
+                    h.live = h.live.saturating_sub(1);
+                }
+                tracing::info!(relay = %name, link_id = alloc_id, bytes_a_to_b, bytes_b_to_a, %reason, "link ended");
+            }
+            Ok(Some(Message::Heartbeat { .. })) => {}
+            Ok(Some(other)) => tracing::debug!(relay = %name, kind = other.kind(), "ignored"),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    let mut relays = lock(&server.relays);
+    if relays.get(&name).is_some_and(|h| h.conn == conn) {
+        relays.remove(&name);
+    }
+    drop(relays);
+    tracing::info!(relay = %name, "relay disconnected");
+    result
+}

@@ -1,0 +1,149 @@
+//! The control session with netportd, reconnecting with backoff.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use netport_proto::control::{Decoder, Message, PeerRole, VERSION, encode_message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
+
+use crate::{Portal, lock};
+
+/// `base` scaled by a factor in [0.5, 1.5): spreads the reconnects of many portals.
+fn jitter(base: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    base.mul_f64(0.5 + f64::from(nanos % 1000) / 1000.0)
+}
+
+pub async fn run(portal: Arc<Portal>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let servers = portal.config.servers.clone();
+        for (addr, name) in &servers {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            match session(&portal, addr, name, &mut shutdown).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {
+                    backoff = Duration::from_millis(200);
+                }
+                Err(e) => tracing::warn!(server = %addr, "control session: {e:#}"),
+            }
+            *lock(&portal.control) = None;
+        }
+        let wait = jitter(backoff);
+        tracing::info!("reconnecting to netportd in {} ms", wait.as_millis());
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// One session; `Ok(true)` on shutdown, `Ok(false)` when the server went away.
+async fn session(
+    portal: &Arc<Portal>,
+    addr: &str,
+    name: &str,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool> {
+    let tls = portal.config.credentials.control_client()?;
+    let connector = TlsConnector::from(Arc::new(tls));
+    let server_name = ServerName::try_from(name.to_string())
+        .map_err(|_| anyhow!("`{name}` is not a valid server name"))?;
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .context("connect timed out")?
+        .with_context(|| format!("connect to {addr}"))?;
+    tcp.set_nodelay(true)?;
+    let stream = tokio::time::timeout(Duration::from_secs(10), connector.connect(server_name, tcp))
+        .await
+        .context("TLS handshake timed out")?
+        .context("TLS handshake")?;
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    // Hello goes first, before anything queued or any heartbeat.
+    wr.write_all(&encode_message(&Message::Hello {
+        role: PeerRole::Portal,
+        versions: vec![VERSION],
+        software: concat!("portal/", env!("CARGO_PKG_VERSION")).into(),
+    }))
+    .await?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+    *lock(&portal.control) = Some(tx.clone());
+    let mut decoder = Decoder::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut heartbeat = Duration::from_secs(10);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    let mut last_heard = tokio::time::Instant::now();
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            n = rd.read(&mut buf) => {
+                let n = n.context("reading from netportd")?;
+                if n == 0 {
+                    tracing::warn!(server = %addr, "netportd closed the control connection");
+                    return Ok(false);
+                }
+                last_heard = tokio::time::Instant::now();
+                decoder.push(&buf[..n]);
+                while let Some(msg) = decoder.next_message().context("bad control frame from netportd")? {
+                    match msg {
+                        Message::Welcome { identity, policy, heartbeat_secs, .. } => {
+                            heartbeat = Duration::from_secs(u64::from(heartbeat_secs.max(1)));
+                            tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+                            tracing::info!(server = %addr, %identity, policy = %&policy[..policy.len().min(12)], "connected to netportd");
+                        }
+                        Message::Refused { reason, message } => {
+                            tracing::error!(server = %addr, %reason, "netportd refused this portal: {message}");
+                            bail!("refused ({reason}): {message}");
+                        }
+                        Message::DesiredState { policy, listeners } => {
+                            portal.listeners.reconcile(portal, listeners, &policy);
+                        }
+                        Message::LinkOffer { request_id, .. } | Message::LinkDenied { request_id, .. } => {
+                            portal.answer(request_id, msg);
+                        }
+                        Message::LinkIncoming { link_id, peer, relay, token, grants, .. } => {
+                            let portal = portal.clone();
+                            tokio::spawn(async move {
+                                if let Err(e) = crate::link::serve_incoming(portal, link_id, peer.clone(), relay, token, grants).await {
+                                    tracing::warn!(link_id, %peer, "incoming link failed: {e:#}");
+                                }
+                            });
+                        }
+                        Message::LinkGrants { link_id, grants } => portal.links.set_grants(link_id, grants),
+                        Message::CloseLink { link_id, reason } => portal.links.close(link_id, &reason),
+                        Message::Heartbeat { .. } => {}
+                        other => tracing::debug!(kind = other.kind(), "ignoring message from netportd"),
+                    }
+                }
+            }
+            Some(m) = rx.recv() => {
+                wr.write_all(&encode_message(&m)).await.context("writing to netportd")?;
+            }
+            _ = tick.tick() => {
+                if last_heard.elapsed() > heartbeat * 3 {
+                    tracing::warn!(server = %addr, "no heartbeat from netportd; reconnecting");
+                    return Ok(false);
+                }
+                seq += 1;
+                wr.write_all(&encode_message(&Message::Heartbeat { seq })).await.context("writing to netportd")?;
+            }
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    let _ = wr.shutdown().await;
+                    return Ok(true);
+                }
+            }
+        }
+    }
+}

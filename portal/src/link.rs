@@ -1,0 +1,303 @@
+//! Links between portals: through a relay, TLS end to end, many streams multiplexed.
+//!
+//! Stream header (client → serving portal, first bytes of each stream): a u16 big-endian
+//! length and the service name. Answer: one byte, [`OPEN_OK`] or a refusal code, then (for a
+//! refusal) a u16 length and a message.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use netport_proto::control::{LinkGrant, ListenerSpec, Message, RelayEndpoint};
+use netport_proto::identity::{Identity, Role};
+use netport_proto::relay::{self, READY};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls::pki_types::ServerName;
+
+use crate::mux::{self, MuxStream, Opener};
+use crate::{Portal, lock};
+
+const OPEN_OK: u8 = 0;
+const OPEN_NOT_GRANTED: u8 = 1;
+const OPEN_DIAL_FAILED: u8 = 2;
+
+/// A client link: a handle that opens streams, and whether it still runs.
+#[derive(Clone)]
+struct ClientLink {
+    opener: Opener,
+    dead: Arc<AtomicBool>,
+}
+
+/// The grants of a served link (replaced when the policy changes).
+type SharedGrants = Arc<RwLock<Vec<LinkGrant>>>;
+
+/// Link state of a portal.
+#[derive(Default)]
+pub struct Links {
+    /// One setup lock per serving portal, so concurrent first connections share one link.
+    client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<ClientLink>>>>>,
+    /// Grants of the links this portal serves, by link id.
+    served: Mutex<HashMap<u64, (SharedGrants, tokio::task::AbortHandle)>>,
+}
+
+impl Links {
+    pub fn set_grants(&self, link_id: u64, grants: Vec<LinkGrant>) {
+        if let Some((g, _)) = lock(&self.served).get(&link_id) {
+            *g.write().unwrap_or_else(|p| p.into_inner()) = grants;
+        }
+    }
+
+    pub fn close(&self, link_id: u64, reason: &str) {
+        if let Some((_, task)) = lock(&self.served).remove(&link_id) {
+            task.abort();
+            tracing::info!(link_id, %reason, "link closed by netportd");
+        }
+    }
+}
+
+/// Connects to a relay port, presents the token and waits until the peer is there too.
+async fn meet(relay: &RelayEndpoint, token: &str, within: Duration) -> Result<TcpStream> {
+    let token = relay::token_from_hex(token).context("malformed token from netportd")?;
+    let addr = format!("{}:{}", relay.address, relay.port);
+    let mut tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addr))
+        .await
+        .with_context(|| format!("connecting to relay {} at {addr} timed out", relay.relay))?
+        .with_context(|| format!("connecting to relay {} at {addr}", relay.relay))?;
+    tcp.set_nodelay(true)?;
+    tcp.write_all(&relay::encode_hello(&token)).await?;
+    let mut answer = [0u8; 4];
+    tokio::time::timeout(within, tcp.read_exact(&mut answer))
+        .await
+        .context("the peer portal did not reach the relay in time")?
+        .context("relay closed the connection")?;
+    if &answer != READY {
+        bail!("relay {} refused the token", relay.relay);
+    }
+    Ok(tcp)
+}
+
+/// Carries one accepted client connection to its service.
+pub async fn carry(portal: Arc<Portal>, spec: &ListenerSpec, mut tcp: TcpStream) -> Result<()> {
+    let _ = tcp.set_nodelay(true);
+    let mut stream = None;
+    for _ in 0..2 {
+        let link = client_link(&portal, spec).await?;
+        match link.opener.open().await {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(_) => {
+                // The link died under us: forget it and set up a new one.
+                link.dead.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    let mut stream = stream.ok_or_else(|| anyhow!("could not open a stream on a fresh link"))?;
+    let name = spec.service.as_bytes();
+    let mut header = Vec::with_capacity(2 + name.len());
+    header.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    header.extend_from_slice(name);
+    stream.write_all(&header).await?;
+    let mut code = [0u8; 1];
+    stream
+        .read_exact(&mut code)
+        .await
+        .context("the serving portal closed the stream")?;
+    if code[0] != OPEN_OK {
+        let msg = read_msg(&mut stream).await.unwrap_or_default();
+        bail!("the serving portal refused `{}`: {msg}", spec.service);
+    }
+    let _ =
+        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, 64 * 1024, 64 * 1024).await;
+    Ok(())
+}
+
+async fn read_msg<S: AsyncRead + Unpin>(s: &mut S) -> Result<String> {
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).await?;
+    let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut msg).await?;
+    Ok(String::from_utf8_lossy(&msg).into_owned())
+}
+
+async fn refuse<S: AsyncWrite + Unpin>(s: &mut S, code: u8, msg: &str) {
+    let m = msg.as_bytes();
+    let mut out = vec![code];
+    out.extend_from_slice(&(m.len().min(u16::MAX as usize) as u16).to_be_bytes());
+    out.extend_from_slice(&m[..m.len().min(u16::MAX as usize)]);
+    let _ = s.write_all(&out).await;
+    let _ = s.shutdown().await;
+}
+
+/// The link to the portal serving `spec`, set up on first use.
+async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<ClientLink> {
+    let slot = lock(&portal.links.client)
+        .entry(spec.serving_portal.clone())
+        .or_default()
+        .clone();
+    let mut guard = slot.lock().await;
+    if let Some(link) = guard.as_ref()
+        && !link.dead.load(Ordering::Relaxed)
+        && !link.opener.is_closed()
+    {
+        return Ok(link.clone());
+    }
+    let access = spec.access.clone();
+    let answer = portal
+        .request(
+            |request_id| Message::OpenLink { request_id, access },
+            Duration::from_secs(15),
+        )
+        .await?;
+    let (link_id, peer, relay, token, expires_in_ms) = match answer {
+        Message::LinkOffer {
+            link_id,
+            peer,
+            relay,
+            token,
+            expires_in_ms,
+            ..
+        } => (link_id, peer, relay, token, expires_in_ms),
+        Message::LinkDenied {
+            reason,
+            rule,
+            message,
+            ..
+        } => {
+            let rule = rule.map(|r| format!(", rule `{r}`")).unwrap_or_default();
+            tracing::warn!(access = %spec.access, service = %spec.service, %reason, "denied by netportd ({reason}{rule}): {message}");
+            bail!("denied ({reason}{rule}): {message}");
+        }
+        other => bail!("unexpected answer {}", other.kind()),
+    };
+    if peer != spec.serving_portal {
+        bail!(
+            "netportd offered a link to `{peer}`, expected `{}`",
+            spec.serving_portal
+        );
+    }
+    let tcp = meet(
+        &relay,
+        &token,
+        Duration::from_millis(expires_in_ms.max(1000)),
+    )
+    .await?;
+    let expected = Identity::new(Role::Portal, peer.clone())?;
+    let tls = portal.config.credentials.link_client(expected)?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let name = ServerName::try_from("link.netport.invalid").map_err(|e| anyhow!("{e}"))?;
+    let tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+        .await
+        .context("link TLS handshake timed out")?
+        .with_context(|| {
+            format!(
+                "link TLS handshake with `{peer}` (is the peer exactly who netportd announced?)"
+            )
+        })?;
+    let dead = Arc::new(AtomicBool::new(false));
+    let flag = dead.clone();
+    let opener = mux::client(tls, move |why| {
+        flag.store(true, Ordering::Relaxed);
+        tracing::info!(link_id, %peer, "link ended: {why}");
+    });
+    tracing::info!(link_id, peer = %spec.serving_portal, relay = %relay.relay, "link up");
+    let link = ClientLink { opener, dead };
+    *guard = Some(link.clone());
+    Ok(link)
+}
+
+/// The serving side of a link announced by netportd.
+pub async fn serve_incoming(
+    portal: Arc<Portal>,
+    link_id: u64,
+    peer: String,
+    relay: RelayEndpoint,
+    token: String,
+    grants: Vec<LinkGrant>,
+) -> Result<()> {
+    let tcp = meet(&relay, &token, Duration::from_secs(15)).await?;
+    let tls = portal.config.credentials.link_server()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+        .await
+        .context("link TLS handshake timed out")?
+        .context("link TLS handshake")?;
+    let info = netport_proto::tls::peer_info(tls.get_ref().1.peer_certificates())?;
+    let expected = Identity::new(Role::Portal, peer.clone())?;
+    if info.identity()? != &expected {
+        bail!(
+            "link peer is {}, but netportd announced {expected}: closing",
+            info.identity()?
+        );
+    }
+    let grants = Arc::new(RwLock::new(grants));
+    let g = grants.clone();
+    let task = tokio::spawn(async move {
+        let why = mux::server(tls, |stream| {
+            let grants = g.clone();
+            let peer = peer.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve_stream(stream, grants, &peer).await {
+                    tracing::warn!(%peer, "stream refused: {e:#}");
+                }
+            });
+        })
+        .await;
+        tracing::info!(link_id, "served link ended: {why}");
+    });
+    lock(&portal.links.served).insert(link_id, (grants, task.abort_handle()));
+    tracing::info!(link_id, relay = %relay.relay, "serving link up");
+    Ok(())
+}
+
+async fn serve_stream(mut stream: MuxStream, grants: SharedGrants, peer: &str) -> Result<()> {
+    let service = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut stream))
+        .await
+        .context("no stream header")??;
+    let target = grants
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .find(|g| g.service == service)
+        .map(|g| g.target.clone());
+    let Some(target) = target else {
+        refuse(
+            &mut stream,
+            OPEN_NOT_GRANTED,
+            &format!("`{service}` is not granted to `{peer}` on this link"),
+        )
+        .await;
+        bail!("`{peer}` asked for `{service}`, which this link does not grant");
+    };
+    let mut tcp =
+        match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&target)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                refuse(
+                    &mut stream,
+                    OPEN_DIAL_FAILED,
+                    &format!("cannot connect to the service: {e}"),
+                )
+                .await;
+                bail!("dialing {target} for `{service}`: {e}");
+            }
+            Err(_) => {
+                refuse(
+                    &mut stream,
+                    OPEN_DIAL_FAILED,
+                    "connecting to the service timed out",
+                )
+                .await;
+                bail!("dialing {target} for `{service}` timed out");
+            }
+        };
+    let _ = tcp.set_nodelay(true);
+    stream.write_all(&[OPEN_OK]).await?;
+    let _ =
+        tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, 64 * 1024, 64 * 1024).await;
+    Ok(())
+}

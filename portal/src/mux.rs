@@ -1,0 +1,128 @@
+//! Stream multiplexing on a link, with `yamux` (the libp2p implementation).
+//!
+//! A yamux connection does all its I/O when it is polled, so each link gets a driver task
+//! that polls it continuously; the rest of the portal talks to the driver through a channel
+//! (open a stream) or receives its inbound streams. Streams are tokio `AsyncRead` +
+//! `AsyncWrite`; shutting down the write side sends FIN and leaves the read side open
+//! (half-close); dropping a stream resets it (abort).
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::task::Poll;
+
+use anyhow::{Result, anyhow};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+
+/// One multiplexed stream.
+pub type MuxStream = Compat<yamux::Stream>;
+
+type OpenReply = oneshot::Sender<Result<MuxStream>>;
+
+fn config() -> yamux::Config {
+    let mut c = yamux::Config::default();
+    // Room for a bulk stream to keep the pipe full across the relay; yamux auto-tunes each
+    // stream's window within this connection-wide budget.
+    // yamux requires the budget to give every stream at least 256 KiB.
+    c.set_max_connection_receive_window(Some(MAX_STREAMS * 256 * 1024));
+    c.set_max_num_streams(MAX_STREAMS);
+    c
+}
+
+/// Streams one link carries at once.
+const MAX_STREAMS: usize = 1024;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn config_is_accepted_by_yamux() {
+        // yamux asserts on inconsistent limits; this must never panic at run time.
+        let _ = super::config();
+    }
+}
+
+/// Opens streams on a client link.
+#[derive(Clone, Debug)]
+pub struct Opener {
+    tx: mpsc::UnboundedSender<OpenReply>,
+}
+
+impl Opener {
+    /// A new outbound stream.
+    pub async fn open(&self) -> Result<MuxStream> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(tx).map_err(|_| anyhow!("link closed"))?;
+        rx.await.map_err(|_| anyhow!("link closed"))?
+    }
+
+    /// Whether the link's driver has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// Starts the client side of a link over `io`; `on_end` runs when the link ends.
+pub fn client<T>(io: T, on_end: impl FnOnce(String) + Send + 'static) -> Opener
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::unbounded_channel::<OpenReply>();
+    let mut conn = yamux::Connection::new(io.compat(), config(), yamux::Mode::Client);
+    tokio::spawn(async move {
+        let mut queue: VecDeque<OpenReply> = VecDeque::new();
+        let end = poll_fn(|cx| {
+            while let Poll::Ready(Some(req)) = rx.poll_recv(cx) {
+                queue.push_back(req);
+            }
+            while !queue.is_empty() {
+                match conn.poll_new_outbound(cx) {
+                    Poll::Ready(Ok(s)) => {
+                        if let Some(req) = queue.pop_front() {
+                            let _ = req.send(Ok(s.compat()));
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(format!("opening a stream: {e}")),
+                    Poll::Pending => break,
+                }
+            }
+            // Polling for inbound streams drives the connection; a client link refuses them.
+            loop {
+                match conn.poll_next_inbound(cx) {
+                    Poll::Ready(Some(Ok(s))) => drop(s),
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(format!("{e}")),
+                    Poll::Ready(None) => return Poll::Ready("closed".to_string()),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        })
+        .await;
+        for req in queue {
+            let _ = req.send(Err(anyhow!("link ended: {end}")));
+        }
+        drop(rx);
+        on_end(end);
+    });
+    Opener { tx }
+}
+
+/// Runs the serving side of a link over `io`, handing each inbound stream to `serve`, until
+/// the link ends; returns why it ended.
+pub async fn server<T, F>(io: T, mut serve: F) -> String
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: FnMut(MuxStream),
+{
+    let mut conn = yamux::Connection::new(io.compat(), config(), yamux::Mode::Server);
+    poll_fn(|cx| {
+        loop {
+            match conn.poll_next_inbound(cx) {
+                Poll::Ready(Some(Ok(s))) => serve(s.compat()),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(format!("{e}")),
+                Poll::Ready(None) => return Poll::Ready("closed".to_string()),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await
+}

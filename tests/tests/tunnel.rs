@@ -1,0 +1,136 @@
+//! The whole system on loopback: netportd, relayd and two portals, real certificates,
+//! bytes through the tunnel.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use netport_e2e::{System, echo_service, wait_listening, wait_log};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const T: Duration = Duration::from_secs(30);
+
+fn policy(target: &str, listen_port: u16) -> String {
+    format!(
+        r#"
+[[portal]]
+name = "alice"
+tags = ["dev"]
+
+[[portal]]
+name = "nas"
+
+[[portal]]
+name = "mallory"
+
+[[service]]
+name = "echo"
+portal = "nas"
+target = "{target}"
+
+[[access]]
+name = "devs-echo"
+from = ["tag:dev"]
+listen = "127.0.0.1:{listen_port}"
+service = "echo"
+
+[[portal]]
+name = "ghost-nas"
+
+[[service]]
+name = "ghost-echo"
+portal = "ghost-nas"
+target = "{target}"
+
+[[access]]
+name = "mallory-ghost"
+from = ["mallory"]
+listen = "127.0.0.1:{}"
+service = "ghost-echo"
+"#,
+        listen_port + 1
+    )
+}
+
+/// Sends `len` bytes and reads them back through an echo, comparing all of them.
+async fn echo_round(addr: &str, len: usize) -> Result<()> {
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let (mut r, mut w) = s.into_split();
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0])
+        .collect();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await?;
+        // Half-close: the echo still sends everything back.
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(())
+    });
+    let mut back = Vec::with_capacity(len);
+    tokio::time::timeout(T, r.read_to_end(&mut back))
+        .await
+        .context("echo timed out")??;
+    writer.await??;
+    anyhow::ensure!(back.len() == len, "got {} of {len} bytes back", back.len());
+    anyhow::ensure!(back == data, "bytes changed in the tunnel");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_cross_the_tunnel_and_a_refused_link_is_explained() -> Result<()> {
+    let echo = echo_service().await?;
+    let (port, _) = netport_e2e::free_port_range(2)?;
+    let sys = System::start(
+        &policy(&echo.to_string(), port),
+        &["alice", "nas", "mallory"],
+    )?;
+    let listen = format!("127.0.0.1:{port}");
+    wait_listening(&listen, T)
+        .await
+        .with_context(|| sys.logs())?;
+    wait_log(&sys, "netportd", "relay connected", T).await?;
+    wait_log(&sys, "netportd", "portal=nas", T).await?;
+
+    echo_round(&listen, 1000)
+        .await
+        .with_context(|| format!("1000-byte echo\n{}", sys.logs()))?;
+
+    let round = echo_round(&listen, 4 << 20).await;
+    round.with_context(|| sys.logs())?;
+
+    // Many connections share the one link.
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let l = listen.clone();
+        tasks.push(tokio::spawn(async move { echo_round(&l, 64 << 10).await }));
+    }
+    for t in tasks {
+        t.await?.with_context(|| sys.logs())?;
+    }
+    // One link carried all of them.
+    let links = sys.log("netportd").matches("link allocated").count();
+    assert!(
+        links <= 2,
+        "expected one link (two if the readiness probe raced), saw {links}"
+    );
+
+    // A link the server cannot set up: the connection is closed and the portal's log says
+    // why, with the rule.
+    let ghost = format!("127.0.0.1:{}", port + 1);
+    wait_listening(&ghost, T).await?;
+    let mut s = TcpStream::connect(&ghost).await?;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut buf))
+        .await
+        .context("not closed")?;
+    assert!(buf.is_empty());
+    wait_log(
+        &sys,
+        "portal-mallory",
+        "denied by netportd (peer-offline, rule `mallory-ghost`)",
+        T,
+    )
+    .await?;
+    Ok(())
+}
