@@ -1,7 +1,6 @@
 //! `portal.toml`: parsed, then validated completely before any socket is opened.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use netport_proto::identity::Role;
@@ -16,9 +15,6 @@ pub struct PortalToml {
     pub servers: Vec<String>,
     /// Name to verify on the server certificate (default: the host of each address).
     pub server_name: Option<String>,
-    /// Seconds a link with no stream stays open (default 300).
-    #[serde(default = "default_idle")]
-    pub link_idle_secs: u64,
     /// Certificates.
     pub tls: TlsToml,
 }
@@ -35,17 +31,11 @@ pub struct TlsToml {
     pub key: PathBuf,
 }
 
-fn default_idle() -> u64 {
-    300
-}
-
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Control addresses with the name to verify for each.
     pub servers: Vec<(String, String)>,
-    /// Idle link timeout.
-    pub link_idle: Duration,
     /// TLS credentials.
     pub credentials: Credentials,
 }
@@ -96,8 +86,17 @@ impl Config {
         }
         Ok(Config {
             servers,
-            link_idle: Duration::from_secs(raw.link_idle_secs.max(1)),
             credentials,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_documented_example_parses() {
+        let text = include_str!("../../examples/config/portal.toml");
+        let raw: Result<super::PortalToml, _> = toml::from_str(text);
+        assert!(raw.is_ok(), "{raw:?}");
     }
 }

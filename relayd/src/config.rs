@@ -160,3 +160,13 @@ fn parse_range(s: &str) -> Option<(u16, u16)> {
     let (a, b): (u16, u16) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
     (a > 0 && a < b).then_some((a, b))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_documented_example_parses() {
+        let text = include_str!("../../examples/config/relayd.toml");
+        let raw: Result<super::RelaydToml, _> = toml::from_str(text);
+        assert!(raw.is_ok(), "{raw:?}");
+    }
+}

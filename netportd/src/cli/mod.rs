@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod ca;
 mod cache;
 mod check;
+mod demo;
 mod diff;
 mod explain;
 mod run;
@@ -64,6 +65,9 @@ pub enum Command {
     Ca(ca::Args),
     /// Run the server: accept portals and relays, decide link requests by the policy.
     Run(run::Args),
+    /// Start a server, a relay and two portals on loopback with a throwaway PKI and
+    /// examples/policies/quickstart, prove a round trip through the tunnel, and keep running.
+    Demo(demo::Args),
 }
 
 /// Output format of `check`.
@@ -93,6 +97,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Explain(args) => explain::run(args, color),
         Command::Diff(args) => diff::run(args, color),
         Command::Run(args) => run::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Ca(args) => ca::run(args),
     };
     ExitCode::from(code)

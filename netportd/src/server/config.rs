@@ -132,3 +132,13 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_documented_example_parses() {
+        let text = include_str!("../../../examples/config/netportd.toml");
+        let raw: Result<super::NetportdToml, _> = toml::from_str(text);
+        assert!(raw.is_ok(), "{raw:?}");
+    }
+}
