@@ -107,11 +107,13 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct Daemon {
     pub child: Child,
     pub log: PathBuf,
+    bin: String,
+    args: Vec<String>,
 }
 
 impl Daemon {
     pub fn start(bin: &str, args: &[&str], log: &Path) -> Result<Daemon> {
-        let err = std::fs::File::create(log)?;
+        let err = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         let child = Command::new(binary(bin))
             .args(args)
             .env("RUST_LOG", "info,relayd=debug,portal=debug,netportd=debug")
@@ -123,7 +125,24 @@ impl Daemon {
         Ok(Daemon {
             child,
             log: log.to_path_buf(),
+            bin: bin.to_string(),
+            args: args.iter().map(|a| a.to_string()).collect(),
         })
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the same command again, appending to the same log.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let again = Daemon::start(&self.bin, &args, &self.log)?;
+        *self = again;
+        Ok(())
     }
 
     pub fn log_text(&self) -> String {
@@ -211,17 +230,25 @@ impl System {
     /// Writes the policy (with the relay `relay-1` on 127.0.0.1 added) and starts netportd,
     /// relay-1 and a portal for each name in `portals`.
     pub fn start(policy: &str, portals: &[&str]) -> Result<System> {
+        Self::start_with_relays(policy, portals, 1)
+    }
+
+    /// Like [`System::start`], with relays `relay-1` … `relay-N`.
+    pub fn start_with_relays(policy: &str, portals: &[&str], relays: usize) -> Result<System> {
         let pki = Pki::new()?;
         let dir = pki.dir.path().to_path_buf();
-        let (first, last) = free_port_range(40)?;
         let policy_dir = dir.join("policy");
         std::fs::create_dir_all(&policy_dir)?;
-        std::fs::write(
-            policy_dir.join("policy.toml"),
-            format!(
-                "{policy}\n[[relay]]\nname = \"relay-1\"\naddress = \"127.0.0.1\"\nports = \"{first}-{last}\"\n"
-            ),
-        )?;
+        let mut ranges = Vec::new();
+        let mut relay_toml = String::new();
+        for i in 1..=relays {
+            let (first, last) = free_port_range(40)?;
+            ranges.push((first, last));
+            relay_toml.push_str(&format!(
+                "\n[[relay]]\nname = \"relay-{i}\"\naddress = \"127.0.0.1\"\nports = \"{first}-{last}\"\n"
+            ));
+        }
+        std::fs::write(policy_dir.join("policy.toml"), format!("{policy}\n{relay_toml}"))?;
         let server = pki.issue(Role::Server, "netportd")?;
         let (port, _) = free_port_range(1)?;
         let server_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -251,23 +278,23 @@ impl System {
                 &dir.join("netportd.log"),
             )?,
         ));
-        let relay = pki.issue(Role::Relay, "relay-1")?;
-        let cfg = dir.join("relayd.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "servers = [\"{server_addr}\"]\npublic_address = \"127.0.0.1\"\nbind = \"127.0.0.1\"\nports = \"{first}-{last}\"\n{}",
-                tls(&relay)
-            ),
-        )?;
-        daemons.push((
-            "relayd".to_string(),
-            Daemon::start(
-                "relayd",
-                &["--config", path_str(&cfg)?],
-                &dir.join("relayd.log"),
-            )?,
-        ));
+        for (i, (first, last)) in ranges.iter().enumerate() {
+            let name = format!("relay-{}", i + 1);
+            let relay = pki.issue(Role::Relay, &name)?;
+            let cfg = dir.join(format!("{name}.toml"));
+            std::fs::write(
+                &cfg,
+                format!(
+                    "servers = [\"{server_addr}\"]\npublic_address = \"127.0.0.1\"\nbind = \"127.0.0.1\"\nports = \"{first}-{last}\"\n{}",
+                    tls(&relay)
+                ),
+            )?;
+            let log_name = if relays == 1 { "relayd".to_string() } else { name.clone() };
+            daemons.push((
+                log_name.clone(),
+                Daemon::start("relayd", &["--config", path_str(&cfg)?], &dir.join(format!("{log_name}.log")))?,
+            ));
+        }
         for name in portals {
             let cert = pki.issue(Role::Portal, name)?;
             let cfg = dir.join(format!("portal-{name}.toml"));
@@ -289,6 +316,15 @@ impl System {
             server_addr,
             daemons,
         })
+    }
+
+    /// A daemon by name (`netportd`, `relayd` or `relay-N`, `portal-NAME`).
+    pub fn daemon(&mut self, name: &str) -> Result<&mut Daemon> {
+        self.daemons
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d)
+            .with_context(|| format!("no daemon {name}"))
     }
 
     /// The log of a daemon (`netportd`, `relayd`, `portal-NAME`).

@@ -134,3 +134,131 @@ async fn bytes_cross_the_tunnel_and_a_refused_link_is_explained() -> Result<()> 
     .await?;
     Ok(())
 }
+
+fn two_portal_policy(target: &str, listen_port: u16) -> String {
+    format!(
+        r#"
+[[portal]]
+name = "alice"
+
+[[portal]]
+name = "nas"
+
+[[service]]
+name = "echo"
+portal = "nas"
+target = "{target}"
+
+[[access]]
+name = "alice-echo"
+from = ["alice"]
+listen = "127.0.0.1:{listen_port}"
+service = "echo"
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_each_way_and_two_hundred_concurrent_connections() -> Result<()> {
+    let echo = echo_service().await?;
+    let (port, _) = netport_e2e::free_port_range(1)?;
+    let sys = System::start(&two_portal_policy(&echo.to_string(), port), &["alice", "nas"])?;
+    let listen = format!("127.0.0.1:{port}");
+    wait_listening(&listen, T).await.with_context(|| sys.logs())?;
+    wait_log(&sys, "netportd", "portal=nas", T).await?;
+    // echo_round compares every byte (a stronger check than comparing hashes).
+    tokio::time::timeout(Duration::from_secs(120), echo_round(&listen, 64 << 20))
+        .await
+        .context("64 MiB echo took over 2 minutes")?
+        .with_context(|| sys.logs())?;
+
+    let mut tasks = Vec::new();
+    for i in 0..200usize {
+        let l = listen.clone();
+        tasks.push(tokio::spawn(async move { echo_round(&l, 16 << 10 | i).await }));
+    }
+    for t in tasks {
+        t.await?.with_context(|| sys.logs())?;
+    }
+    let links = sys.log("netportd").matches("link allocated").count();
+    assert!(links <= 2, "200 connections should share one link, saw {links} links");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portals_reconnect_after_netportd_restarts() -> Result<()> {
+    let echo = echo_service().await?;
+    let (port, _) = netport_e2e::free_port_range(1)?;
+    let mut sys = System::start(&two_portal_policy(&echo.to_string(), port), &["alice", "nas"])?;
+    let listen = format!("127.0.0.1:{port}");
+    wait_listening(&listen, T).await?;
+    wait_log(&sys, "netportd", "portal=nas", T).await?;
+    echo_round(&listen, 1 << 20).await.with_context(|| sys.logs())?;
+
+    sys.daemon("netportd")?.restart()?;
+    // Both portals and the relay come back by themselves.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let log = sys.log("netportd");
+        if log.matches("portal connected").count() >= 4 && log.matches("relay connected").count() >= 2 {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no reconnect:\n{}", sys.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    echo_round(&listen, 1 << 20).await.with_context(|| sys.logs())?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_relay_ends_its_connections_and_the_next_one_uses_another_relay() -> Result<()> {
+    let echo = echo_service().await?;
+    let (port, _) = netport_e2e::free_port_range(1)?;
+    let mut sys = System::start_with_relays(&two_portal_policy(&echo.to_string(), port), &["alice", "nas"], 2)?;
+    let listen = format!("127.0.0.1:{port}");
+    wait_listening(&listen, T).await?;
+    wait_log(&sys, "netportd", "portal=nas", T).await?;
+    let deadline = tokio::time::Instant::now() + T;
+    while sys.log("netportd").matches("relay connected").count() < 2 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "relays missing:\n{}", sys.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A connection held open through the first link.
+    let mut held = TcpStream::connect(&listen).await?;
+    held.write_all(b"ping").await?;
+    let mut pong = [0u8; 4];
+    tokio::time::timeout(T, held.read_exact(&mut pong)).await??;
+    let log = sys.log("netportd");
+    let used = log
+        .lines()
+        .filter(|l| l.contains("link allocated"))
+        .last()
+        .and_then(|l| l.split("relay=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .context("which relay carries the link")?
+        .to_string();
+    sys.daemon(&used)?.kill();
+
+    // The held connection ends instead of hanging.
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, held.read_to_end(&mut rest))
+        .await
+        .context("the connection through the killed relay hangs")?
+        .ok();
+    // The next connection gets a link through the other relay.
+    let other = if used == "relay-1" { "relay-2" } else { "relay-1" };
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        if echo_round(&listen, 64 << 10).await.is_ok() {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no new link:\n{}", sys.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = sys.log("netportd");
+    assert!(
+        log.lines().any(|l| l.contains("link allocated") && l.contains(&format!("relay={other}"))),
+        "{log}"
+    );
+    Ok(())
+}
