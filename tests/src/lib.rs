@@ -235,7 +235,12 @@ impl System {
 
     /// Like [`System::start`], with relays `relay-1` … `relay-N`.
     pub fn start_with_relays(policy: &str, portals: &[&str], relays: usize) -> Result<System> {
-        let pki = Pki::new()?;
+        Self::start_in(Pki::new()?, policy, portals, relays)
+    }
+
+    /// Like [`System::start_with_relays`], with a PKI the caller prepared (to put keys it
+    /// issued into the policy).
+    pub fn start_in(pki: Pki, policy: &str, portals: &[&str], relays: usize) -> Result<System> {
         let dir = pki.dir.path().to_path_buf();
         let policy_dir = dir.join("policy");
         std::fs::create_dir_all(&policy_dir)?;
@@ -392,4 +397,31 @@ pub async fn echo_service() -> Result<SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+/// A control connection made by hand with `creds`: TLS, then hello as a portal; returns the
+/// first message the server sends, or the error the handshake or read ended with.
+pub async fn control_hello(creds: &Credentials, server: SocketAddr) -> Result<Message> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(creds.control_client()?));
+    let tcp = tokio::net::TcpStream::connect(server).await?;
+    let name = tokio_rustls::rustls::pki_types::ServerName::from(server.ip());
+    let mut tls = connector.connect(name, tcp).await?;
+    tls.write_all(&encode_message(&Message::Hello {
+        role: netport_proto::control::PeerRole::Portal,
+        versions: vec![netport_proto::control::VERSION],
+        software: "test".into(),
+    }))
+    .await?;
+    let mut decoder = Decoder::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(m) = decoder.next_message()? {
+            return Ok(m);
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await??;
+        if n == 0 {
+            bail!("closed without a message");
+        }
+        decoder.push(&buf[..n]);
+    }
 }
