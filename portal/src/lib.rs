@@ -10,7 +10,7 @@ pub mod config;
 mod control;
 mod link;
 mod listeners;
-mod mux;
+pub mod mux;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

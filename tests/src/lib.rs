@@ -113,7 +113,10 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(bin: &str, args: &[&str], log: &Path) -> Result<Daemon> {
-        let err = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         let child = Command::new(binary(bin))
             .args(args)
             .env("RUST_LOG", "info,relayd=debug,portal=debug,netportd=debug")
@@ -224,6 +227,8 @@ pub struct System {
     pub pki: Pki,
     pub server_addr: SocketAddr,
     pub daemons: Vec<(String, Daemon)>,
+    /// Each relay's allocation range.
+    pub relay_ports: Vec<(u16, u16)>,
 }
 
 impl System {
@@ -235,12 +240,19 @@ impl System {
 
     /// Like [`System::start`], with relays `relay-1` … `relay-N`.
     pub fn start_with_relays(policy: &str, portals: &[&str], relays: usize) -> Result<System> {
-        Self::start_in(Pki::new()?, policy, portals, relays)
+        Self::start_in(Pki::new()?, policy, portals, relays, "127.0.0.1")
     }
 
     /// Like [`System::start_with_relays`], with a PKI the caller prepared (to put keys it
     /// issued into the policy).
-    pub fn start_in(pki: Pki, policy: &str, portals: &[&str], relays: usize) -> Result<System> {
+    /// `relay_address` is what the policy tells portals to dial (the relays bind 127.0.0.1).
+    pub fn start_in(
+        pki: Pki,
+        policy: &str,
+        portals: &[&str],
+        relays: usize,
+        relay_address: &str,
+    ) -> Result<System> {
         let dir = pki.dir.path().to_path_buf();
         let policy_dir = dir.join("policy");
         std::fs::create_dir_all(&policy_dir)?;
@@ -250,10 +262,13 @@ impl System {
             let (first, last) = free_port_range(40)?;
             ranges.push((first, last));
             relay_toml.push_str(&format!(
-                "\n[[relay]]\nname = \"relay-{i}\"\naddress = \"127.0.0.1\"\nports = \"{first}-{last}\"\n"
+                "\n[[relay]]\nname = \"relay-{i}\"\naddress = \"{relay_address}\"\nports = \"{first}-{last}\"\n"
             ));
         }
-        std::fs::write(policy_dir.join("policy.toml"), format!("{policy}\n{relay_toml}"))?;
+        std::fs::write(
+            policy_dir.join("policy.toml"),
+            format!("{policy}\n{relay_toml}"),
+        )?;
         let server = pki.issue(Role::Server, "netportd")?;
         let (port, _) = free_port_range(1)?;
         let server_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -294,10 +309,18 @@ impl System {
                     tls(&relay)
                 ),
             )?;
-            let log_name = if relays == 1 { "relayd".to_string() } else { name.clone() };
+            let log_name = if relays == 1 {
+                "relayd".to_string()
+            } else {
+                name.clone()
+            };
             daemons.push((
                 log_name.clone(),
-                Daemon::start("relayd", &["--config", path_str(&cfg)?], &dir.join(format!("{log_name}.log")))?,
+                Daemon::start(
+                    "relayd",
+                    &["--config", path_str(&cfg)?],
+                    &dir.join(format!("{log_name}.log")),
+                )?,
             ));
         }
         for name in portals {
@@ -320,6 +343,7 @@ impl System {
             pki,
             server_addr,
             daemons,
+            relay_ports: ranges,
         })
     }
 
@@ -352,6 +376,33 @@ impl System {
 
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str().context("non-UTF-8 temporary path")
+}
+
+impl System {
+    /// Waits until netportd has seen every relay and every portal of this system connect.
+    pub async fn wait_ready(&self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log("netportd");
+            let relays = self.relay_ports.len();
+            let portals: Vec<&str> = self
+                .daemons
+                .iter()
+                .filter_map(|(n, _)| n.strip_prefix("portal-"))
+                .collect();
+            let ok = log.matches("relay connected").count() >= relays
+                && portals
+                    .iter()
+                    .all(|p| log.contains(&format!("portal connected portal={p} ")));
+            if ok {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the system did not come up in 30 s:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// Waits until something accepts TCP connections at `addr`.

@@ -40,7 +40,7 @@ async fn foreign_expired_revoked_and_unknown_identities_are_refused() -> Result<
         foreign.key_pem.as_bytes(),
         pki.ca.cert_pem().as_bytes(),
     )?;
-    let sys = System::start_in(pki, &policy, &[], 1)?;
+    let sys = System::start_in(pki, &policy, &[], 1, "127.0.0.1")?;
     wait_log(&sys, "netportd", "netportd serving", T).await?;
     let server = sys.server_addr;
 
@@ -57,8 +57,14 @@ async fn foreign_expired_revoked_and_unknown_identities_are_refused() -> Result<
         other => bail!("an unknown portal must be refused, got {other:?}"),
     }
     // Expired and foreign certificates fail the TLS handshake itself.
-    assert!(control_hello(&expired_creds, server).await.is_err(), "expired certificate accepted");
-    assert!(control_hello(&foreign_creds, server).await.is_err(), "foreign CA accepted");
+    assert!(
+        control_hello(&expired_creds, server).await.is_err(),
+        "expired certificate accepted"
+    );
+    assert!(
+        control_hello(&foreign_creds, server).await.is_err(),
+        "foreign CA accepted"
+    );
     wait_log(&sys, "netportd", "reason=\"revoked\"", T).await?;
     wait_log(&sys, "netportd", "TLS handshake failed", T).await?;
     Ok(())

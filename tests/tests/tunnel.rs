@@ -90,7 +90,7 @@ async fn bytes_cross_the_tunnel_and_a_refused_link_is_explained() -> Result<()> 
         .await
         .with_context(|| sys.logs())?;
     wait_log(&sys, "netportd", "relay connected", T).await?;
-    wait_log(&sys, "netportd", "portal=nas", T).await?;
+    sys.wait_ready().await?;
 
     echo_round(&listen, 1000)
         .await
@@ -162,10 +162,15 @@ service = "echo"
 async fn sixty_four_mib_each_way_and_two_hundred_concurrent_connections() -> Result<()> {
     let echo = echo_service().await?;
     let (port, _) = netport_e2e::free_port_range(1)?;
-    let sys = System::start(&two_portal_policy(&echo.to_string(), port), &["alice", "nas"])?;
+    let sys = System::start(
+        &two_portal_policy(&echo.to_string(), port),
+        &["alice", "nas"],
+    )?;
     let listen = format!("127.0.0.1:{port}");
-    wait_listening(&listen, T).await.with_context(|| sys.logs())?;
-    wait_log(&sys, "netportd", "portal=nas", T).await?;
+    wait_listening(&listen, T)
+        .await
+        .with_context(|| sys.logs())?;
+    sys.wait_ready().await?;
     // echo_round compares every byte (a stronger check than comparing hashes).
     tokio::time::timeout(Duration::from_secs(120), echo_round(&listen, 64 << 20))
         .await
@@ -175,13 +180,18 @@ async fn sixty_four_mib_each_way_and_two_hundred_concurrent_connections() -> Res
     let mut tasks = Vec::new();
     for i in 0..200usize {
         let l = listen.clone();
-        tasks.push(tokio::spawn(async move { echo_round(&l, 16 << 10 | i).await }));
+        tasks.push(tokio::spawn(
+            async move { echo_round(&l, 16 << 10 | i).await },
+        ));
     }
     for t in tasks {
         t.await?.with_context(|| sys.logs())?;
     }
     let links = sys.log("netportd").matches("link allocated").count();
-    assert!(links <= 2, "200 connections should share one link, saw {links} links");
+    assert!(
+        links <= 2,
+        "200 connections should share one link, saw {links} links"
+    );
     Ok(())
 }
 
@@ -189,24 +199,37 @@ async fn sixty_four_mib_each_way_and_two_hundred_concurrent_connections() -> Res
 async fn portals_reconnect_after_netportd_restarts() -> Result<()> {
     let echo = echo_service().await?;
     let (port, _) = netport_e2e::free_port_range(1)?;
-    let mut sys = System::start(&two_portal_policy(&echo.to_string(), port), &["alice", "nas"])?;
+    let mut sys = System::start(
+        &two_portal_policy(&echo.to_string(), port),
+        &["alice", "nas"],
+    )?;
     let listen = format!("127.0.0.1:{port}");
     wait_listening(&listen, T).await?;
-    wait_log(&sys, "netportd", "portal=nas", T).await?;
-    echo_round(&listen, 1 << 20).await.with_context(|| sys.logs())?;
+    sys.wait_ready().await?;
+    echo_round(&listen, 1 << 20)
+        .await
+        .with_context(|| sys.logs())?;
 
     sys.daemon("netportd")?.restart()?;
     // Both portals and the relay come back by themselves.
     let deadline = tokio::time::Instant::now() + T;
     loop {
         let log = sys.log("netportd");
-        if log.matches("portal connected").count() >= 4 && log.matches("relay connected").count() >= 2 {
+        if log.matches("portal connected").count() >= 4
+            && log.matches("relay connected").count() >= 2
+        {
             break;
         }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no reconnect:\n{}", sys.logs());
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no reconnect:\n{}",
+            sys.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    echo_round(&listen, 1 << 20).await.with_context(|| sys.logs())?;
+    echo_round(&listen, 1 << 20)
+        .await
+        .with_context(|| sys.logs())?;
     Ok(())
 }
 
@@ -214,13 +237,21 @@ async fn portals_reconnect_after_netportd_restarts() -> Result<()> {
 async fn a_killed_relay_ends_its_connections_and_the_next_one_uses_another_relay() -> Result<()> {
     let echo = echo_service().await?;
     let (port, _) = netport_e2e::free_port_range(1)?;
-    let mut sys = System::start_with_relays(&two_portal_policy(&echo.to_string(), port), &["alice", "nas"], 2)?;
+    let mut sys = System::start_with_relays(
+        &two_portal_policy(&echo.to_string(), port),
+        &["alice", "nas"],
+        2,
+    )?;
     let listen = format!("127.0.0.1:{port}");
     wait_listening(&listen, T).await?;
-    wait_log(&sys, "netportd", "portal=nas", T).await?;
+    sys.wait_ready().await?;
     let deadline = tokio::time::Instant::now() + T;
     while sys.log("netportd").matches("relay connected").count() < 2 {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "relays missing:\n{}", sys.logs());
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "relays missing:\n{}",
+            sys.logs()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A connection held open through the first link.
@@ -232,7 +263,7 @@ async fn a_killed_relay_ends_its_connections_and_the_next_one_uses_another_relay
     let used = log
         .lines()
         .filter(|l| l.contains("link allocated"))
-        .last()
+        .next_back()
         .and_then(|l| l.split("relay=").nth(1))
         .and_then(|r| r.split_whitespace().next())
         .context("which relay carries the link")?
@@ -246,18 +277,27 @@ async fn a_killed_relay_ends_its_connections_and_the_next_one_uses_another_relay
         .context("the connection through the killed relay hangs")?
         .ok();
     // The next connection gets a link through the other relay.
-    let other = if used == "relay-1" { "relay-2" } else { "relay-1" };
+    let other = if used == "relay-1" {
+        "relay-2"
+    } else {
+        "relay-1"
+    };
     let deadline = tokio::time::Instant::now() + T;
     loop {
         if echo_round(&listen, 64 << 10).await.is_ok() {
             break;
         }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no new link:\n{}", sys.logs());
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no new link:\n{}",
+            sys.logs()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let log = sys.log("netportd");
     assert!(
-        log.lines().any(|l| l.contains("link allocated") && l.contains(&format!("relay={other}"))),
+        log.lines()
+            .any(|l| l.contains("link allocated") && l.contains(&format!("relay={other}"))),
         "{log}"
     );
     Ok(())
