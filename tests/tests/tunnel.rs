@@ -262,8 +262,7 @@ async fn a_killed_relay_ends_its_connections_and_the_next_one_uses_another_relay
     let log = sys.log("netportd");
     let used = log
         .lines()
-        .filter(|l| l.contains("link allocated"))
-        .next_back()
+        .rfind(|l| l.contains("link allocated"))
         .and_then(|l| l.split("relay=").nth(1))
         .and_then(|r| r.split_whitespace().next())
         .context("which relay carries the link")?
