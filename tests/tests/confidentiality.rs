@@ -232,3 +232,64 @@ async fn the_serving_portal_refuses_a_target_not_granted_to_the_link() -> Result
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portal_without_access_is_denied_with_the_reason_and_rule() -> Result<()> {
+    let echo = echo_service().await?;
+    let (port, _) = netport_e2e::free_port_range(1)?;
+    let pki = Pki::new()?;
+    let mallory = pki.issue(Role::Portal, "mallory")?;
+    let creds = pki.credentials(&mallory)?;
+    let text = format!(
+        "{}\n[[portal]]\nname = \"mallory\"\n",
+        policy(&echo.to_string(), port)
+    );
+    let sys = System::start_in(pki, &text, &["nas"], 1, "127.0.0.1")?;
+    sys.wait_ready().await?;
+
+    // mallory holds no listener, but asks for alice's rule anyway.
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(creds.control_client()?));
+    let tcp = TcpStream::connect(sys.server_addr).await?;
+    let name = tokio_rustls::rustls::pki_types::ServerName::from(sys.server_addr.ip());
+    let mut c = Crafted {
+        tls: connector.connect(name, tcp).await?,
+        decoder: Decoder::new(),
+    };
+    c.tls
+        .write_all(&encode_message(&Message::Hello {
+            role: PeerRole::Portal,
+            versions: vec![VERSION],
+            software: "crafted".into(),
+        }))
+        .await?;
+    match c.next().await? {
+        Message::Welcome { .. } => {}
+        other => bail!("expected welcome, got {other:?}"),
+    }
+    match c.next().await? {
+        Message::DesiredState { listeners, .. } => assert!(listeners.is_empty(), "{listeners:?}"),
+        other => bail!("expected desired_state, got {other:?}"),
+    }
+    c.tls
+        .write_all(&encode_message(&Message::OpenLink {
+            request_id: 9,
+            access: "alice-echo".into(),
+        }))
+        .await?;
+    match c.next().await? {
+        Message::LinkDenied {
+            request_id,
+            reason,
+            rule,
+            message,
+        } => {
+            assert_eq!(request_id, 9);
+            assert_eq!(reason, "no-access-rule");
+            assert_eq!(rule.as_deref(), Some("alice-echo"));
+            assert!(message.contains("mallory"), "{message}");
+        }
+        other => bail!("expected link_denied, got {other:?}"),
+    }
+    wait_log(&sys, "netportd", "link denied", T).await?;
+    Ok(())
+}
