@@ -15,6 +15,9 @@ pub struct PortalToml {
     pub servers: Vec<String>,
     /// Name to verify on the server certificate (default: the host of each address).
     pub server_name: Option<String>,
+    /// Seconds a link with no stream stays open before it is closed (default 300).
+    #[serde(default = "default_idle")]
+    pub link_idle_secs: u64,
     /// Certificates.
     pub tls: TlsToml,
 }
@@ -31,11 +34,17 @@ pub struct TlsToml {
     pub key: PathBuf,
 }
 
+fn default_idle() -> u64 {
+    300
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Control addresses with the name to verify for each.
     pub servers: Vec<(String, String)>,
+    /// Idle link timeout.
+    pub link_idle: std::time::Duration,
     /// TLS credentials.
     pub credentials: Credentials,
 }
@@ -84,8 +93,12 @@ impl Config {
                 credentials.identity()
             );
         }
+        if raw.link_idle_secs == 0 {
+            bail!("`link_idle_secs` must be at least 1");
+        }
         Ok(Config {
             servers,
+            link_idle: std::time::Duration::from_secs(raw.link_idle_secs),
             credentials,
         })
     }

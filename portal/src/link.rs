@@ -29,6 +29,24 @@ const OPEN_DIAL_FAILED: u8 = 2;
 struct ClientLink {
     opener: Opener,
     dead: Arc<AtomicBool>,
+    /// Streams open on the link; the idle watcher closes a link that has none for a while.
+    active: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts a stream as open until dropped.
+struct Active(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Active {
+    fn new(n: &Arc<std::sync::atomic::AtomicUsize>) -> Active {
+        n.fetch_add(1, Ordering::Relaxed);
+        Active(n.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The grants of a served link (replaced when the policy changes).
@@ -83,11 +101,14 @@ async fn meet(relay: &RelayEndpoint, token: &str, within: Duration) -> Result<Tc
 pub async fn carry(portal: Arc<Portal>, spec: &ListenerSpec, mut tcp: TcpStream) -> Result<()> {
     let _ = tcp.set_nodelay(true);
     let mut stream = None;
+    let mut guard = None;
     for _ in 0..2 {
         let link = client_link(&portal, spec).await?;
+        let active = Active::new(&link.active);
         match link.opener.open().await {
             Ok(s) => {
                 stream = Some(s);
+                guard = Some(active);
                 break;
             }
             Err(_) => {
@@ -113,6 +134,8 @@ pub async fn carry(portal: Arc<Portal>, spec: &ListenerSpec, mut tcp: TcpStream)
     }
     let _ =
         tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, 64 * 1024, 64 * 1024).await;
+    // The stream counted as active until here.
+    drop(guard);
     Ok(())
 }
 
@@ -205,9 +228,49 @@ async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Client
         tracing::info!(link_id, %peer, "link ended: {why}");
     });
     tracing::info!(link_id, peer = %spec.serving_portal, relay = %relay.relay, "link up");
-    let link = ClientLink { opener, dead };
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    watch_idle(
+        link_id,
+        opener.clone(),
+        active.clone(),
+        dead.clone(),
+        portal.config.link_idle,
+    );
+    let link = ClientLink {
+        opener,
+        dead,
+        active,
+    };
     *guard = Some(link.clone());
     Ok(link)
+}
+
+/// Closes a client link that has carried no stream for `idle`.
+fn watch_idle(
+    link_id: u64,
+    opener: Opener,
+    active: Arc<std::sync::atomic::AtomicUsize>,
+    dead: Arc<AtomicBool>,
+    idle: Duration,
+) {
+    tokio::spawn(async move {
+        let step = (idle / 4).max(Duration::from_millis(100));
+        let mut quiet = Duration::ZERO;
+        while !dead.load(Ordering::Relaxed) && !opener.is_closed() {
+            tokio::time::sleep(step).await;
+            if active.load(Ordering::Relaxed) == 0 {
+                quiet += step;
+            } else {
+                quiet = Duration::ZERO;
+            }
+            if quiet >= idle {
+                tracing::info!(link_id, "closing the link: idle for {} s", idle.as_secs());
+                dead.store(true, Ordering::Relaxed);
+                opener.close();
+                return;
+            }
+        }
+    });
 }
 
 /// The serving side of a link announced by netportd.

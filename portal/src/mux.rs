@@ -20,6 +20,12 @@ pub type MuxStream = Compat<yamux::Stream>;
 
 type OpenReply = oneshot::Sender<Result<MuxStream>>;
 
+/// What the rest of the portal asks of a client link's driver.
+enum Command {
+    Open(OpenReply),
+    Close,
+}
+
 fn config() -> yamux::Config {
     let mut c = yamux::Config::default();
     // Room for a bulk stream to keep the pipe full across the relay; yamux auto-tunes each
@@ -45,15 +51,22 @@ mod tests {
 /// Opens streams on a client link.
 #[derive(Clone, Debug)]
 pub struct Opener {
-    tx: mpsc::UnboundedSender<OpenReply>,
+    tx: mpsc::UnboundedSender<Command>,
 }
 
 impl Opener {
     /// A new outbound stream.
     pub async fn open(&self) -> Result<MuxStream> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(tx).map_err(|_| anyhow!("link closed"))?;
+        self.tx
+            .send(Command::Open(tx))
+            .map_err(|_| anyhow!("link closed"))?;
         rx.await.map_err(|_| anyhow!("link closed"))?
+    }
+
+    /// Closes the link (its open streams end).
+    pub fn close(&self) {
+        let _ = self.tx.send(Command::Close);
     }
 
     /// Whether the link's driver has stopped.
@@ -67,13 +80,23 @@ pub fn client<T>(io: T, on_end: impl FnOnce(String) + Send + 'static) -> Opener
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, mut rx) = mpsc::unbounded_channel::<OpenReply>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Command>();
     let mut conn = yamux::Connection::new(io.compat(), config(), yamux::Mode::Client);
     tokio::spawn(async move {
         let mut queue: VecDeque<OpenReply> = VecDeque::new();
+        let mut closing = false;
         let end = poll_fn(|cx| {
-            while let Poll::Ready(Some(req)) = rx.poll_recv(cx) {
-                queue.push_back(req);
+            while let Poll::Ready(Some(cmd)) = rx.poll_recv(cx) {
+                match cmd {
+                    Command::Open(req) => queue.push_back(req),
+                    Command::Close => closing = true,
+                }
+            }
+            if closing {
+                return match conn.poll_close(cx) {
+                    Poll::Ready(_) => Poll::Ready("closed by this portal".to_string()),
+                    Poll::Pending => Poll::Pending,
+                };
             }
             while !queue.is_empty() {
                 match conn.poll_new_outbound(cx) {

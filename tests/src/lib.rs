@@ -328,7 +328,11 @@ impl System {
             let cfg = dir.join(format!("portal-{name}.toml"));
             std::fs::write(
                 &cfg,
-                format!("servers = [\"{server_addr}\"]\n{}", tls(&cert)),
+                // Short idle timeout, so tests can watch idle links close.
+                format!(
+                    "servers = [\"{server_addr}\"]\nlink_idle_secs = 3\n{}",
+                    tls(&cert)
+                ),
             )?;
             daemons.push((
                 format!("portal-{name}"),

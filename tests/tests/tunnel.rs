@@ -301,3 +301,31 @@ async fn a_killed_relay_ends_its_connections_and_the_next_one_uses_another_relay
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_link_closes_and_the_next_connection_sets_up_a_new_one() -> Result<()> {
+    let echo = echo_service().await?;
+    let (port, _) = netport_e2e::free_port_range(1)?;
+    let sys = System::start(
+        &two_portal_policy(&echo.to_string(), port),
+        &["alice", "nas"],
+    )?;
+    let listen = format!("127.0.0.1:{port}");
+    wait_listening(&listen, T).await?;
+    sys.wait_ready().await?;
+    echo_round(&listen, 1000)
+        .await
+        .with_context(|| sys.logs())?;
+    // The portals were told link_idle_secs = 3.
+    wait_log(&sys, "portal-alice", "closing the link: idle", T).await?;
+    wait_log(&sys, "relayd", "allocation closed", T).await?;
+    echo_round(&listen, 1000)
+        .await
+        .with_context(|| sys.logs())?;
+    let links = sys.log("netportd").matches("link allocated").count();
+    assert!(
+        links >= 2,
+        "expected a new link after the idle one closed, saw {links}"
+    );
+    Ok(())
+}
