@@ -104,6 +104,8 @@ async fn session(
                         }
                         Message::Refused { reason, message } => {
                             tracing::error!(server = %addr, %reason, "netportd refused this portal: {message}");
+                            // Refused means no rights at all: hold no listener until welcomed again.
+                            portal.listeners.clear();
                             bail!("refused ({reason}): {message}");
                         }
                         Message::DesiredState { policy, listeners } => {

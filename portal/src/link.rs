@@ -19,6 +19,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::mux::{self, MuxStream, Opener};
 use crate::{Portal, lock};
+use tokio_util::sync::CancellationToken;
 
 const OPEN_OK: u8 = 0;
 const OPEN_NOT_GRANTED: u8 = 1;
@@ -27,6 +28,7 @@ const OPEN_DIAL_FAILED: u8 = 2;
 /// A client link: a handle that opens streams, and whether it still runs.
 #[derive(Clone)]
 struct ClientLink {
+    link_id: u64,
     opener: Opener,
     dead: Arc<AtomicBool>,
     /// Streams open on the link; the idle watcher closes a link that has none for a while.
@@ -52,26 +54,62 @@ impl Drop for Active {
 /// The grants of a served link (replaced when the policy changes).
 type SharedGrants = Arc<RwLock<Vec<LinkGrant>>>;
 
+/// Open streams of a served link, by service, so a narrowed grant can close them.
+type OpenStreams = Arc<Mutex<Vec<(String, CancellationToken)>>>;
+
+/// A link this portal serves.
+struct Served {
+    grants: SharedGrants,
+    streams: OpenStreams,
+    task: tokio::task::AbortHandle,
+}
+
 /// Link state of a portal.
 #[derive(Default)]
 pub struct Links {
     /// One setup lock per serving portal, so concurrent first connections share one link.
     client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<ClientLink>>>>>,
-    /// Grants of the links this portal serves, by link id.
-    served: Mutex<HashMap<u64, (SharedGrants, tokio::task::AbortHandle)>>,
+    /// The links this portal serves, by link id.
+    served: Mutex<HashMap<u64, Served>>,
 }
 
 impl Links {
+    /// New grants for a served link: streams to services no longer granted are closed.
     pub fn set_grants(&self, link_id: u64, grants: Vec<LinkGrant>) {
-        if let Some((g, _)) = lock(&self.served).get(&link_id) {
-            *g.write().unwrap_or_else(|p| p.into_inner()) = grants;
-        }
+        let served = lock(&self.served);
+        let Some(link) = served.get(&link_id) else {
+            return;
+        };
+        let mut streams = lock(&link.streams);
+        streams.retain(|(service, cancel)| {
+            let keep = grants.iter().any(|g| &g.service == service);
+            if !keep {
+                cancel.cancel();
+                tracing::info!(link_id, %service, "stream closed: no longer granted");
+            }
+            keep
+        });
+        *link.grants.write().unwrap_or_else(|p| p.into_inner()) = grants;
     }
 
+    /// Closes a link, served or used, at the server's request.
     pub fn close(&self, link_id: u64, reason: &str) {
-        if let Some((_, task)) = lock(&self.served).remove(&link_id) {
-            task.abort();
-            tracing::info!(link_id, %reason, "link closed by netportd");
+        if let Some(link) = lock(&self.served).remove(&link_id) {
+            link.task.abort();
+            for (_, c) in lock(&link.streams).drain(..) {
+                c.cancel();
+            }
+            tracing::info!(link_id, %reason, "served link closed by netportd");
+        }
+        for slot in lock(&self.client).values() {
+            if let Ok(guard) = slot.try_lock()
+                && let Some(link) = guard.as_ref()
+                && link.link_id == link_id
+            {
+                link.dead.store(true, Ordering::Relaxed);
+                link.opener.close();
+                tracing::info!(link_id, %reason, "link closed by netportd");
+            }
         }
     }
 }
@@ -237,6 +275,7 @@ async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Client
         portal.config.link_idle,
     );
     let link = ClientLink {
+        link_id,
         opener,
         dead,
         active,
@@ -298,13 +337,16 @@ pub async fn serve_incoming(
         );
     }
     let grants = Arc::new(RwLock::new(grants));
+    let streams: OpenStreams = Arc::default();
     let g = grants.clone();
+    let st = streams.clone();
     let task = tokio::spawn(async move {
         let why = mux::server(tls, |stream| {
             let grants = g.clone();
+            let streams = st.clone();
             let peer = peer.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_stream(stream, grants, &peer).await {
+                if let Err(e) = serve_stream(stream, grants, streams, &peer).await {
                     tracing::warn!(%peer, "stream refused: {e:#}");
                 }
             });
@@ -312,12 +354,24 @@ pub async fn serve_incoming(
         .await;
         tracing::info!(link_id, "served link ended: {why}");
     });
-    lock(&portal.links.served).insert(link_id, (grants, task.abort_handle()));
+    lock(&portal.links.served).insert(
+        link_id,
+        Served {
+            grants,
+            streams,
+            task: task.abort_handle(),
+        },
+    );
     tracing::info!(link_id, relay = %relay.relay, "serving link up");
     Ok(())
 }
 
-async fn serve_stream(mut stream: MuxStream, grants: SharedGrants, peer: &str) -> Result<()> {
+async fn serve_stream(
+    mut stream: MuxStream,
+    grants: SharedGrants,
+    streams: OpenStreams,
+    peer: &str,
+) -> Result<()> {
     let service = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut stream))
         .await
         .context("no stream header")??;
@@ -360,7 +414,15 @@ async fn serve_stream(mut stream: MuxStream, grants: SharedGrants, peer: &str) -
         };
     let _ = tcp.set_nodelay(true);
     stream.write_all(&[OPEN_OK]).await?;
-    let _ =
-        tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, 64 * 1024, 64 * 1024).await;
+    // Registered by service, so a grant that shrinks can cut this stream.
+    let cancel = CancellationToken::new();
+    lock(&streams).push((service, cancel.clone()));
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, 64 * 1024, 64 * 1024) => {}
+        _ = cancel.cancelled() => {}
+    }
+    // Done: drop this stream's entry (and any other finished one).
+    cancel.cancel();
+    lock(&streams).retain(|(_, c)| !c.is_cancelled());
     Ok(())
 }

@@ -73,21 +73,27 @@ async fn listen(portal: Arc<Portal>, spec: ListenerSpec) {
         }
     };
     tracing::info!(access = %spec.access, listen = %spec.listen, service = %spec.service, "listening");
+    // Connections live in this task's set: closing the listener (aborting this task) closes
+    // every connection that came through it.
+    let mut conns = tokio::task::JoinSet::new();
     loop {
-        match listener.accept().await {
-            Ok((tcp, from)) => {
-                let portal = portal.clone();
-                let spec = spec.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = crate::link::carry(portal, &spec, tcp).await {
-                        tracing::warn!(access = %spec.access, %from, service = %spec.service, "connection refused: {e:#}");
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!(listen = %spec.listen, "accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, from)) => {
+                    let portal = portal.clone();
+                    let spec = spec.clone();
+                    conns.spawn(async move {
+                        if let Err(e) = crate::link::carry(portal, &spec, tcp).await {
+                            tracing::warn!(access = %spec.access, %from, service = %spec.service, "connection refused: {e:#}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(listen = %spec.listen, "accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
     }
 }

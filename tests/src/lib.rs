@@ -229,6 +229,8 @@ pub struct System {
     pub daemons: Vec<(String, Daemon)>,
     /// Each relay's allocation range.
     pub relay_ports: Vec<(u16, u16)>,
+    /// The `[[relay]]` part of the policy, kept when the test rewrites the rest.
+    relay_toml: String,
 }
 
 impl System {
@@ -348,6 +350,7 @@ impl System {
             server_addr,
             daemons,
             relay_ports: ranges,
+            relay_toml,
         })
     }
 
@@ -383,6 +386,21 @@ fn path_str(p: &Path) -> Result<&str> {
 }
 
 impl System {
+    /// The policy directory netportd watches.
+    pub fn policy_dir(&self) -> PathBuf {
+        self.pki.dir.path().join("policy")
+    }
+
+    /// Replaces the policy (the relays stay), the way sync tools do: write a temporary
+    /// file, then rename it over the old one.
+    pub fn set_policy(&self, policy: &str) -> Result<()> {
+        let dir = self.policy_dir();
+        let tmp = dir.join(".policy.toml.tmp");
+        std::fs::write(&tmp, format!("{policy}\n{}", self.relay_toml))?;
+        std::fs::rename(&tmp, dir.join("policy.toml"))?;
+        Ok(())
+    }
+
     /// Waits until netportd has seen every relay and every portal of this system connect.
     pub async fn wait_ready(&self) -> Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

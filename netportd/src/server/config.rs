@@ -25,6 +25,10 @@ pub struct NetportdToml {
     /// Seconds a link's relay tokens stay valid (default 15).
     #[serde(default = "default_token_ttl")]
     pub token_ttl_secs: u64,
+    /// Milliseconds of quiet after a change in the policy directory before it is reloaded
+    /// (default 300): a burst of writes becomes one reload.
+    #[serde(default = "default_debounce")]
+    pub reload_debounce_ms: u64,
     /// Certificates.
     pub tls: TlsToml,
 }
@@ -49,6 +53,10 @@ fn default_token_ttl() -> u64 {
     15
 }
 
+fn default_debounce() -> u64 {
+    300
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -62,6 +70,8 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Token lifetime.
     pub token_ttl: Duration,
+    /// Reload debounce.
+    pub debounce: Duration,
     /// Server credentials.
     pub credentials: Credentials,
 }
@@ -128,6 +138,7 @@ impl Config {
             policy,
             heartbeat: Duration::from_secs(u64::from(raw.heartbeat_secs)),
             token_ttl: Duration::from_secs(raw.token_ttl_secs),
+            debounce: Duration::from_millis(raw.reload_debounce_ms),
             credentials,
         })
     }

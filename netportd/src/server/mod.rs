@@ -6,6 +6,7 @@
 //! where to meet, with single-use tokens and the exact peer identity to expect.
 
 pub mod config;
+mod reload;
 mod session;
 
 use std::collections::HashMap;
@@ -19,13 +20,37 @@ use netport_policy::Policy;
 use netport_proto::control::Message;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
 /// A connected portal.
+#[derive(Clone)]
 struct PortalHandle {
     conn: u64,
     tx: mpsc::UnboundedSender<Message>,
+    /// SHA-256 of the key it presented.
+    spki: [u8; 32],
+    /// Cancelled to cut the session off (revocation, removal from the policy).
+    cancel: CancellationToken,
+}
+
+/// A link the server set up, kept so reloads can update or close it.
+#[derive(Clone, Debug)]
+struct LinkInfo {
+    client: String,
+    serving: String,
+    relay: String,
+    client_key: [u8; 32],
+    grants: Vec<netport_proto::control::LinkGrant>,
+}
+
+/// What the last reloads did (for logs now, the status endpoint later).
+#[derive(Debug, Default)]
+struct ReloadStatus {
+    reloads: u64,
+    failures: u64,
+    last_error: Option<String>,
 }
 
 /// Where an allocation request's answer goes: the port pair, or why it failed.
@@ -35,6 +60,7 @@ type AllocWaiter = oneshot::Sender<std::result::Result<(u16, u16), String>>;
 struct RelayHandle {
     conn: u64,
     tx: mpsc::UnboundedSender<Message>,
+    cancel: CancellationToken,
     live: usize,
     capacity: u32,
     pending: HashMap<u64, AllocWaiter>,
@@ -45,6 +71,8 @@ pub struct Server {
     policy: RwLock<Arc<Policy>>,
     portals: Mutex<HashMap<String, PortalHandle>>,
     relays: Mutex<HashMap<String, RelayHandle>>,
+    links: Mutex<HashMap<u64, LinkInfo>>,
+    status: Mutex<ReloadStatus>,
     next_id: AtomicU64,
     heartbeat: Duration,
     token_ttl: Duration,
@@ -74,6 +102,182 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Loads the policy directory with the same loader as `netportd check`; swaps it in only
+    /// when everything passes, then reconciles sessions and links to it. A failure keeps
+    /// the last good policy.
+    pub fn reload(&self, dir: &std::path::Path) {
+        let old = self.policy();
+        let sources = match netport_policy::load_dir(dir) {
+            Ok(s) => s,
+            Err(e) => {
+                self.failed(&old, "-", format!("cannot read the policy directory: {e}"));
+                return;
+            }
+        };
+        let content = netport_policy::input_key(&sources);
+        let content = &content[..12];
+        let report = netport_policy::check(sources);
+        let Some(new) = report.policy.clone() else {
+            let errors = report.errors().count();
+            self.failed(
+                &old,
+                content,
+                format!("{errors} errors:\n{}", report.render_plain()),
+            );
+            return;
+        };
+        if new.hash == old.hash {
+            tracing::debug!(policy = %old.short_hash(), "policy files changed, policy did not");
+            lock(&self.status).last_error = None;
+            return;
+        }
+        let d = netport_policy::diff(&old, &new);
+        let new = Arc::new(new);
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
+        {
+            let mut st = lock(&self.status);
+            st.reloads += 1;
+            st.last_error = None;
+        }
+        tracing::info!(
+            old = %old.short_hash(),
+            new = %new.short_hash(),
+            grants_added = d.grants_added.len(),
+            grants_removed = d.grants_removed.len(),
+            relays_added = d.relays_added.len(),
+            relays_removed = d.relays_removed.len(),
+            relays_changed = d.relays_changed.len(),
+            revoked_added = d.revoked_added.len(),
+            revoked_removed = d.revoked_removed.len(),
+            "policy reloaded"
+        );
+        self.reconcile(&new);
+    }
+
+    fn failed(&self, old: &Policy, content: &str, why: String) {
+        let mut st = lock(&self.status);
+        st.failures += 1;
+        st.last_error = Some(why.clone());
+        tracing::error!(
+            old = %old.short_hash(),
+            new_content = %content,
+            failures = st.failures,
+            "policy rejected, keeping policy {}: {why}",
+            old.short_hash()
+        );
+    }
+
+    /// Brings every session and link in line with `policy`.
+    fn reconcile(&self, policy: &Policy) {
+        let portals: Vec<(String, PortalHandle)> = lock(&self.portals)
+            .iter()
+            .map(|(n, h)| (n.clone(), h.clone()))
+            .collect();
+        let mut cut_portals = Vec::new();
+        let mut cut_relays = Vec::new();
+        for (name, h) in portals {
+            let refusal = match policy.portal(&name) {
+                None => Some((
+                    "unknown-portal",
+                    format!("portal `{name}` was removed from the policy"),
+                )),
+                Some(p) if p.revoked || policy.is_revoked(&h.spki) => {
+                    Some(("revoked", format!("the key of `{name}` is revoked")))
+                }
+                Some(p)
+                    if p.spki_sha256
+                        .as_deref()
+                        .is_some_and(|pin| pin != hex::encode(h.spki)) =>
+                {
+                    Some((
+                        "key-mismatch",
+                        format!("`{name}` is now pinned to another key"),
+                    ))
+                }
+                Some(_) => None,
+            };
+            match refusal {
+                Some((reason, message)) => {
+                    tracing::warn!(portal = %name, reason, "cutting off: {message}");
+                    let _ = h.tx.send(Message::Refused {
+                        reason: reason.into(),
+                        message,
+                    });
+                    h.cancel.cancel();
+                    lock(&self.portals).remove(&name);
+                    cut_portals.push(name);
+                }
+                None => {
+                    let _ = h.tx.send(session::desired_state(policy, &name));
+                }
+            }
+        }
+        let relays: Vec<(String, CancellationToken, mpsc::UnboundedSender<Message>)> =
+            lock(&self.relays)
+                .iter()
+                .map(|(n, h)| (n.clone(), h.cancel.clone(), h.tx.clone()))
+                .collect();
+        for (name, cancel, tx) in relays {
+            if policy.relay(&name).is_none() {
+                tracing::warn!(relay = %name, "cutting off: removed from the policy");
+                let _ = tx.send(Message::Refused {
+                    reason: "unknown-relay".into(),
+                    message: format!("relay `{name}` was removed from the policy"),
+                });
+                cancel.cancel();
+                lock(&self.relays).remove(&name);
+                cut_relays.push(name);
+            }
+        }
+        let links: Vec<(u64, LinkInfo)> = lock(&self.links)
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        for (id, link) in links {
+            let gone = cut_portals
+                .iter()
+                .any(|c| *c == link.client || *c == link.serving)
+                || cut_relays.contains(&link.relay);
+            let grants = if gone {
+                Vec::new()
+            } else {
+                session::link_grants(policy, &link.client, &link.serving, &link.client_key)
+            };
+            if grants.is_empty() {
+                tracing::info!(link_id = id, client = %link.client, serving = %link.serving, "closing a link the policy no longer allows");
+                self.close_link(id, &link, "no longer allowed by the policy");
+            } else if grants != link.grants {
+                tracing::info!(link_id = id, serving = %link.serving, "link grants changed");
+                if let Some(h) = lock(&self.portals).get(&link.serving) {
+                    let _ = h.tx.send(Message::LinkGrants {
+                        link_id: id,
+                        grants: grants.clone(),
+                    });
+                }
+                if let Some(l) = lock(&self.links).get_mut(&id) {
+                    l.grants = grants;
+                }
+            }
+        }
+    }
+
+    fn close_link(&self, id: u64, link: &LinkInfo, reason: &str) {
+        lock(&self.links).remove(&id);
+        for p in [&link.client, &link.serving] {
+            if let Some(h) = lock(&self.portals).get(p) {
+                let _ = h.tx.send(Message::CloseLink {
+                    link_id: id,
+                    reason: reason.into(),
+                });
+            }
+        }
+        if let Some(h) = lock(&self.relays).get(&link.relay) {
+            let _ = h.tx.send(Message::Release { alloc_id: id });
+        }
+    }
+}
+
 /// Binds every control address of `config` (call after validation, before [`run`]).
 pub async fn bind(config: &Config) -> Result<Vec<TcpListener>> {
     let mut out = Vec::new();
@@ -97,6 +301,8 @@ pub async fn run(
         policy: RwLock::new(Arc::new(config.policy.clone())),
         portals: Mutex::default(),
         relays: Mutex::default(),
+        links: Mutex::default(),
+        status: Mutex::default(),
         next_id: AtomicU64::new(1),
         heartbeat: config.heartbeat,
         token_ttl: config.token_ttl,
@@ -108,6 +314,12 @@ pub async fn run(
         "netportd serving"
     );
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(reload::watch(
+        server.clone(),
+        config.policy_dir.clone(),
+        config.debounce,
+        shutdown.clone(),
+    ));
     for listener in listeners {
         let server = server.clone();
         tasks.spawn(async move {

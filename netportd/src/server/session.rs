@@ -163,7 +163,7 @@ pub async fn handle(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr) -> Re
     }
 }
 
-fn desired_state(policy: &Policy, portal: &str) -> Message {
+pub(super) fn desired_state(policy: &Policy, portal: &str) -> Message {
     let listeners = policy
         .listeners_for(portal)
         .filter_map(|rule| {
@@ -207,19 +207,24 @@ async fn portal_session(
         heartbeat_secs: server.heartbeat.as_secs() as u32,
     });
     let _ = tx.send(desired_state(&policy, &name));
-    if let Some(old) = lock(&server.portals).insert(
-        name.clone(),
-        PortalHandle {
-            conn,
-            tx: tx.clone(),
-        },
-    ) {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let handle = PortalHandle {
+        conn,
+        tx: tx.clone(),
+        spki: info.spki_sha256,
+        cancel: cancel.clone(),
+    };
+    if let Some(old) = lock(&server.portals).insert(name.clone(), handle) {
         // A portal reconnecting replaces its old session.
-        drop(old);
+        old.cancel.cancel();
     }
     tracing::info!(portal = %name, %peer, spki = %info.spki_sha256_hex(), "portal connected");
     let result = loop {
-        match reader.next(server.heartbeat * 3).await {
+        let next = tokio::select! {
+            n = reader.next(server.heartbeat * 3) => n,
+            _ = cancel.cancelled() => break Ok(()),
+        };
+        match next {
             Ok(Some(Message::OpenLink { request_id, access })) => {
                 let server = server.clone();
                 let name = name.clone();
@@ -249,6 +254,30 @@ async fn portal_session(
     drop(portals);
     tracing::info!(portal = %name, "portal disconnected");
     result
+}
+
+/// Everything `client` may reach on `serving`: all of it rides one link.
+pub(super) fn link_grants(
+    policy: &Policy,
+    client: &str,
+    serving: &str,
+    key: &[u8; 32],
+) -> Vec<LinkGrant> {
+    policy
+        .services
+        .iter()
+        .filter(|s| s.portal == serving)
+        .filter(|s| {
+            policy
+                .decide(&Request::new(client, &s.name).with_key(key))
+                .is_ok()
+        })
+        .map(|s| LinkGrant {
+            service: s.name.clone(),
+            target: s.target.clone(),
+            transport: transport(s.protocol),
+        })
+        .collect()
 }
 
 /// Sets up a link for `client` through `access`; on refusal returns the `LinkDenied` to send.
@@ -380,6 +409,16 @@ async fn open_link(
         port,
     };
     let expires_in_ms = ttl.as_millis() as u64;
+    lock(&server.links).insert(
+        alloc_id,
+        super::LinkInfo {
+            client: client.to_string(),
+            serving: serving.clone(),
+            relay: relay_name.clone(),
+            client_key: *key,
+            grants: grants.clone(),
+        },
+    );
     let _ = serving_tx.send(Message::LinkIncoming {
         link_id: alloc_id,
         peer: client.to_string(),
@@ -432,19 +471,29 @@ async fn relay_session(
         policy: policy.hash.clone(),
         heartbeat_secs: server.heartbeat.as_secs() as u32,
     });
-    lock(&server.relays).insert(
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let previous = lock(&server.relays).insert(
         name.clone(),
         RelayHandle {
             conn,
             tx: tx.clone(),
+            cancel: cancel.clone(),
             live: 0,
             capacity,
             pending: Default::default(),
         },
     );
+    if let Some(old) = previous {
+        // A relay reconnecting replaces its old session.
+        old.cancel.cancel();
+    }
     tracing::info!(relay = %name, %peer, ports = %format!("{port_first}-{port_last}"), capacity, "relay connected");
     let result = loop {
-        match reader.next(server.heartbeat * 3).await {
+        let next = tokio::select! {
+            n = reader.next(server.heartbeat * 3) => n,
+            _ = cancel.cancelled() => break Ok(()),
+        };
+        match next {
             Ok(Some(Message::Allocated {
                 alloc_id,
                 port_a,
@@ -474,6 +523,7 @@ async fn relay_session(
                 if let Some(h) = lock(&server.relays).get_mut(&name) {
                     h.live = h.live.saturating_sub(1);
                 }
+                lock(&server.links).remove(&alloc_id);
                 tracing::info!(relay = %name, link_id = alloc_id, bytes_a_to_b, bytes_b_to_a, %reason, "link ended");
             }
             Ok(Some(Message::Heartbeat { .. })) => {}

@@ -1,0 +1,110 @@
+//! Hot reload: watch the policy directory the way sync tools write it, debounce, then run
+//! the same loader as `netportd check`; swap only a policy that passes everything, and
+//! reconcile the world to it.
+//!
+//! Watched: the directory's parent (a symlink flip of the whole directory, as git-sync does,
+//! replaces the entry there) and the directory's current target, recursively (in-place
+//! edits, rename-over, files added or removed in subdirectories, a ConfigMap `..data` swap).
+//! After each reload the watches are set up again, so a flipped or recreated directory is
+//! followed. SIGHUP also reloads.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::{mpsc, watch};
+
+use super::Server;
+
+/// Watches `dir` and reloads on change until `shutdown`.
+pub async fn watch(
+    server: Arc<Server>,
+    dir: PathBuf,
+    debounce: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let handler = {
+        let tx = tx.clone();
+        move |res: notify::Result<notify::Event>| {
+            // Reading the files (our own reloads) produces access events: only changes count.
+            if let Ok(ev) = res
+                && !matches!(ev.kind, notify::EventKind::Access(_))
+            {
+                let _ = tx.send(());
+            }
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::error!("cannot watch the policy directory ({e}); reload with SIGHUP");
+            None
+        }
+    };
+    let mut watched = Vec::new();
+    rewatch(&mut watcher, &dir, &mut watched);
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    // A safety net for events a file system does not deliver: a cheap content check.
+    let mut poll = tokio::time::interval(Duration::from_secs(30));
+    poll.tick().await;
+    loop {
+        tokio::select! {
+            Some(()) = rx.recv() => {}
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                tracing::info!("SIGHUP: reloading the policy");
+            }
+            _ = poll.tick() => {}
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    return;
+                }
+                continue;
+            }
+        }
+        // A burst of events (a git checkout, a rename dance) becomes one reload.
+        loop {
+            tokio::select! {
+                Some(()) = rx.recv() => continue,
+                _ = tokio::time::sleep(debounce) => break,
+            }
+        }
+        while rx.try_recv().is_ok() {}
+        let s = server.clone();
+        let d = dir.clone();
+        let _ = tokio::task::spawn_blocking(move || s.reload(&d)).await;
+        rewatch(&mut watcher, &dir, &mut watched);
+    }
+}
+
+/// (Re)establishes the watches on `dir`'s parent and on `dir`'s current target.
+fn rewatch(
+    watcher: &mut Option<notify::RecommendedWatcher>,
+    dir: &Path,
+    watched: &mut Vec<PathBuf>,
+) {
+    let Some(w) = watcher.as_mut() else { return };
+    let mut want = Vec::new();
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        want.push((parent.to_path_buf(), RecursiveMode::NonRecursive));
+    } else {
+        want.push((PathBuf::from("."), RecursiveMode::NonRecursive));
+    }
+    if let Ok(target) = std::fs::canonicalize(dir) {
+        want.push((target, RecursiveMode::Recursive));
+    }
+    let same = watched.len() == want.len() && want.iter().all(|(p, _)| watched.contains(p));
+    if same {
+        return;
+    }
+    for p in watched.drain(..) {
+        let _ = w.unwatch(&p);
+    }
+    for (p, mode) in want {
+        match w.watch(&p, mode) {
+            Ok(()) => watched.push(p),
+            Err(e) => tracing::warn!(path = %p.display(), "cannot watch: {e}"),
+        }
+    }
+}
