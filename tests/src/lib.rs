@@ -231,6 +231,90 @@ pub struct System {
     pub relay_ports: Vec<(u16, u16)>,
     /// The `[[relay]]` part of the policy, kept when the test rewrites the rest.
     relay_toml: String,
+    layout: Layout,
+    revision: std::sync::atomic::AtomicU32,
+}
+
+/// How the watched policy directory is kept up to date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// A plain directory; updates write a temporary file and rename it over the old one.
+    Plain,
+    /// `policy -> rev-N`, flipped by renaming a new symlink over the old one (git-sync).
+    Symlink,
+    /// A Kubernetes ConfigMap mount: `..data -> ..rev-N`, files linked through `..data`.
+    ConfigMap,
+    /// A git checkout updated with `git pull` from a bare repository.
+    Git,
+}
+
+fn git(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.invalid")
+        .env("GIT_COMMITTER_NAME", "test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.invalid")
+        .output()
+        .context("running git")?;
+    if !out.status.success() {
+        bail!(
+            "git {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+impl Layout {
+    /// Creates `root/policy` holding `text` as `policy.toml`.
+    fn create(self, root: &Path, text: &str) -> Result<()> {
+        let policy = root.join("policy");
+        match self {
+            Layout::Plain => {
+                std::fs::create_dir_all(&policy)?;
+                std::fs::write(policy.join("policy.toml"), text)?;
+            }
+            Layout::Symlink => {
+                std::fs::create_dir_all(root.join("rev-0"))?;
+                std::fs::write(root.join("rev-0/policy.toml"), text)?;
+                std::os::unix::fs::symlink("rev-0", &policy)?;
+            }
+            Layout::ConfigMap => {
+                std::fs::create_dir_all(policy.join("..rev-0"))?;
+                std::fs::write(policy.join("..rev-0/policy.toml"), text)?;
+                std::os::unix::fs::symlink("..rev-0", policy.join("..data"))?;
+                std::os::unix::fs::symlink("..data/policy.toml", policy.join("policy.toml"))?;
+            }
+            Layout::Git => {
+                let bare = root.join("policy.git");
+                let work = root.join("work");
+                std::fs::create_dir_all(&bare)?;
+                git(&bare, &["init", "-q", "--bare", "-b", "main"])?;
+                git(
+                    root,
+                    &["clone", "-q", bare.to_str().context("path")?, "work"],
+                )?;
+                std::fs::write(work.join("policy.toml"), text)?;
+                git(&work, &["add", "policy.toml"])?;
+                git(&work, &["commit", "-q", "-m", "first policy"])?;
+                git(&work, &["push", "-q", "origin", "HEAD:main"])?;
+                git(
+                    root,
+                    &[
+                        "clone",
+                        "-q",
+                        "-b",
+                        "main",
+                        bare.to_str().context("path")?,
+                        "policy",
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl System {
@@ -255,9 +339,21 @@ impl System {
         relays: usize,
         relay_address: &str,
     ) -> Result<System> {
+        Self::start_layout(pki, policy, portals, relays, relay_address, Layout::Plain)
+    }
+
+    /// Like [`System::start_in`], with the policy directory laid out the way a sync tool
+    /// keeps it.
+    pub fn start_layout(
+        pki: Pki,
+        policy: &str,
+        portals: &[&str],
+        relays: usize,
+        relay_address: &str,
+        layout: Layout,
+    ) -> Result<System> {
         let dir = pki.dir.path().to_path_buf();
         let policy_dir = dir.join("policy");
-        std::fs::create_dir_all(&policy_dir)?;
         let mut ranges = Vec::new();
         let mut relay_toml = String::new();
         for i in 1..=relays {
@@ -267,10 +363,7 @@ impl System {
                 "\n[[relay]]\nname = \"relay-{i}\"\naddress = \"{relay_address}\"\nports = \"{first}-{last}\"\n"
             ));
         }
-        std::fs::write(
-            policy_dir.join("policy.toml"),
-            format!("{policy}\n{relay_toml}"),
-        )?;
+        layout.create(&dir, &format!("{policy}\n{relay_toml}"))?;
         let server = pki.issue(Role::Server, "netportd")?;
         let (port, _) = free_port_range(1)?;
         let server_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -351,6 +444,8 @@ impl System {
             daemons,
             relay_ports: ranges,
             relay_toml,
+            layout,
+            revision: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -391,13 +486,52 @@ impl System {
         self.pki.dir.path().join("policy")
     }
 
-    /// Replaces the policy (the relays stay), the way sync tools do: write a temporary
-    /// file, then rename it over the old one.
+    /// Replaces the policy (the relays stay) the way this system's [`Layout`] updates:
+    /// a rename over the old file, a symlink flip, a ConfigMap `..data` swap, or a git
+    /// commit, push and `git pull` in the watched checkout.
     pub fn set_policy(&self, policy: &str) -> Result<()> {
-        let dir = self.policy_dir();
-        let tmp = dir.join(".policy.toml.tmp");
-        std::fs::write(&tmp, format!("{policy}\n{}", self.relay_toml))?;
-        std::fs::rename(&tmp, dir.join("policy.toml"))?;
+        let text = format!("{policy}\n{}", self.relay_toml);
+        let root = self.pki.dir.path();
+        let n = self
+            .revision
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        match self.layout {
+            Layout::Plain => {
+                let dir = self.policy_dir();
+                let tmp = dir.join(".policy.toml.tmp");
+                std::fs::write(&tmp, text)?;
+                std::fs::rename(&tmp, dir.join("policy.toml"))?;
+            }
+            Layout::Symlink => {
+                let rev = format!("rev-{n}");
+                std::fs::create_dir_all(root.join(&rev))?;
+                std::fs::write(root.join(&rev).join("policy.toml"), text)?;
+                let tmp = root.join("policy.tmp");
+                std::os::unix::fs::symlink(&rev, &tmp)?;
+                std::fs::rename(&tmp, root.join("policy"))?;
+            }
+            Layout::ConfigMap => {
+                let dir = self.policy_dir();
+                let rev = format!("..rev-{n}");
+                std::fs::create_dir_all(dir.join(&rev))?;
+                std::fs::write(dir.join(&rev).join("policy.toml"), text)?;
+                let tmp = dir.join("..data_tmp");
+                std::os::unix::fs::symlink(&rev, &tmp)?;
+                std::fs::rename(&tmp, dir.join("..data"))?;
+                let _ = std::fs::remove_dir_all(dir.join(format!("..rev-{}", n - 1)));
+            }
+            Layout::Git => {
+                let work = root.join("work");
+                std::fs::write(work.join("policy.toml"), text)?;
+                git(
+                    &work,
+                    &["commit", "-q", "-am", &format!("policy revision {n}")],
+                )?;
+                git(&work, &["push", "-q", "origin", "HEAD:main"])?;
+                git(&self.policy_dir(), &["pull", "-q", "--ff-only"])?;
+            }
+        }
         Ok(())
     }
 

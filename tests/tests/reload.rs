@@ -162,3 +162,93 @@ async fn a_newly_revoked_key_is_cut_off_with_its_links() -> Result<()> {
     wait_log(&sys, "portal-alice", "refused (revoked)", T).await?;
     Ok(())
 }
+
+async fn follows_updates(layout: netport_e2e::Layout) -> Result<()> {
+    let echo = echo_service().await?;
+    let (port, _) = netport_e2e::free_port_range(2)?;
+    let target = echo.to_string();
+    let sys = System::start_layout(
+        netport_e2e::Pki::new()?,
+        &policy(&target, port, ""),
+        &["alice", "nas"],
+        1,
+        "127.0.0.1",
+        layout,
+    )?;
+    let listen = format!("127.0.0.1:{port}");
+    let second = format!("127.0.0.1:{}", port + 1);
+    wait_listening(&listen, T).await?;
+    sys.wait_ready().await?;
+    let extra = format!(
+        "[[access]]\nname = \"alice-echo2\"\nfrom = [\"alice\"]\nlisten = \"{second}\"\nservice = \"echo2\"\n"
+    );
+    sys.set_policy(&policy(&target, port, &extra))?;
+    wait_listening(&second, T)
+        .await
+        .with_context(|| format!("{layout:?}\n{}", sys.logs()))?;
+    round(&second).await?;
+    sys.set_policy(&policy(&target, port, ""))?;
+    until_closed(&second)
+        .await
+        .with_context(|| format!("{layout:?}\n{}", sys.logs()))?;
+    round(&listen).await?;
+    let log = sys.log("netportd");
+    assert_eq!(
+        log.matches("policy reloaded").count(),
+        2,
+        "{layout:?}: one reload per update\n{log}"
+    );
+    assert!(
+        !log.contains("policy rejected"),
+        "{layout:?}: an update was seen half-written\n{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_git_sync_symlink_flip_is_followed() -> Result<()> {
+    follows_updates(netport_e2e::Layout::Symlink).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_data_swap_is_followed() -> Result<()> {
+    follows_updates(netport_e2e::Layout::ConfigMap).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_git_pull_into_the_watched_checkout_is_followed() -> Result<()> {
+    follows_updates(netport_e2e::Layout::Git).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_writes_is_one_reload() -> Result<()> {
+    let echo = echo_service().await?;
+    let (port, _) = netport_e2e::free_port_range(1)?;
+    let sys = System::start(&policy(&echo.to_string(), port, ""), &["alice", "nas"])?;
+    sys.wait_ready().await?;
+    // Twenty files in a subdirectory, written back to back.
+    let sub = sys.policy_dir().join("team/devices");
+    std::fs::create_dir_all(&sub)?;
+    for i in 0..20 {
+        std::fs::write(
+            sub.join(format!("d{i}.toml")),
+            format!("[[portal]]\nname = \"device-{i}\"\n"),
+        )?;
+    }
+    wait_log(&sys, "netportd", "policy reloaded", T).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let log = sys.log("netportd");
+    assert_eq!(log.matches("policy reloaded").count(), 1, "{log}");
+    // A file removed in a subdirectory is seen too.
+    std::fs::remove_file(sub.join("d7.toml"))?;
+    let deadline = tokio::time::Instant::now() + T;
+    while sys.log("netportd").matches("policy reloaded").count() < 2 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "removal not seen:\n{}",
+            sys.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
