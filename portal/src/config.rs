@@ -1,6 +1,6 @@
 //! `portal.toml`: parsed, then validated completely before any socket is opened.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use netport_proto::identity::Role;
@@ -19,19 +19,7 @@ pub struct PortalToml {
     #[serde(default = "default_idle")]
     pub link_idle_secs: u64,
     /// Certificates.
-    pub tls: TlsToml,
-}
-
-/// Certificate files.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsToml {
-    /// The Netport CA certificate (PEM).
-    pub ca: PathBuf,
-    /// This portal's certificate chain (PEM), `netport://portal/<name>`.
-    pub cert: PathBuf,
-    /// Its private key (PEM).
-    pub key: PathBuf,
+    pub tls: netport_common::TlsToml,
 }
 
 fn default_idle() -> u64 {
@@ -61,38 +49,8 @@ impl Config {
 
     /// Validates a parsed file.
     pub fn validate(raw: PortalToml, base: &Path) -> Result<Config> {
-        if raw.servers.is_empty() {
-            bail!(
-                "`servers` is empty: list at least one netportd address, like [\"netportd.example.net:7443\"]"
-            );
-        }
-        let mut servers = Vec::new();
-        for s in &raw.servers {
-            let host = netport_proto::control::host_of(s).with_context(|| {
-                format!("`servers` entry `{s}` is not host:port (for example \"netportd.example.net:7443\")")
-            })?;
-            servers.push((s.clone(), raw.server_name.clone().unwrap_or(host)));
-        }
-        let read = |key: &str, p: &Path| {
-            let full = base.join(p);
-            std::fs::read(&full).with_context(|| {
-                format!("`tls.{key}`: cannot read {} (`netportd ca issue portal NAME` writes these files)", full.display())
-            })
-        };
-        let credentials = Credentials::from_pem(
-            &read("cert", &raw.tls.cert)?,
-            &read("key", &raw.tls.key)?,
-            &read("ca", &raw.tls.ca)?,
-        )
-        .context(
-            "`tls`: the certificate, key and CA do not fit together (is `key` the key of `cert`?)",
-        )?;
-        if credentials.identity().role != Role::Portal {
-            bail!(
-                "`tls.cert` is for {}, but a portal needs a portal certificate (`netportd ca issue portal NAME`)",
-                credentials.identity()
-            );
-        }
+        let servers = netport_common::servers(&raw.servers, raw.server_name.as_deref())?;
+        let credentials = raw.tls.load(base, Role::Portal)?;
         if raw.link_idle_secs == 0 {
             bail!("`link_idle_secs` must be at least 1");
         }

@@ -1,26 +1,14 @@
 //! The control session with netportd, reconnecting with backoff.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use netport_proto::control::{Decoder, Message, PeerRole, VERSION, encode_message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tokio_rustls::TlsConnector;
-use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::{Portal, lock};
-
-/// `base` scaled by a factor in [0.5, 1.5): spreads the reconnects of many portals.
-fn jitter(base: Duration) -> Duration {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    base.mul_f64(0.5 + f64::from(nanos % 1000) / 1000.0)
-}
 
 pub async fn run(portal: Arc<Portal>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
     let mut backoff = Duration::from_millis(200);
@@ -39,7 +27,7 @@ pub async fn run(portal: Arc<Portal>, mut shutdown: watch::Receiver<bool>) -> Re
             }
             *lock(&portal.control) = None;
         }
-        let wait = jitter(backoff);
+        let wait = netport_common::jitter(backoff);
         tracing::info!("reconnecting to netportd in {} ms", wait.as_millis());
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -56,19 +44,7 @@ async fn session(
     name: &str,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<bool> {
-    let tls = portal.config.credentials.control_client()?;
-    let connector = TlsConnector::from(Arc::new(tls));
-    let server_name = ServerName::try_from(name.to_string())
-        .map_err(|_| anyhow!("`{name}` is not a valid server name"))?;
-    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
-        .await
-        .context("connect timed out")?
-        .with_context(|| format!("connect to {addr}"))?;
-    tcp.set_nodelay(true)?;
-    let stream = tokio::time::timeout(Duration::from_secs(10), connector.connect(server_name, tcp))
-        .await
-        .context("TLS handshake timed out")?
-        .context("TLS handshake")?;
+    let stream = netport_common::connect_control(&portal.config.credentials, addr, name).await?;
     let (mut rd, mut wr) = tokio::io::split(stream);
     // Hello goes first, before anything queued or any heartbeat.
     wr.write_all(&encode_message(&Message::Hello {

@@ -1,7 +1,7 @@
 //! `relayd.toml`: parsed, then validated completely before any socket is opened.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use netport_proto::identity::Role;
@@ -29,19 +29,7 @@ pub struct RelaydToml {
     #[serde(default = "default_hello_timeout")]
     pub hello_timeout_secs: u64,
     /// Certificates.
-    pub tls: TlsToml,
-}
-
-/// Certificate files.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsToml {
-    /// The Netport CA certificate (PEM).
-    pub ca: PathBuf,
-    /// This relay's certificate chain (PEM), `netport://relay/<name>`.
-    pub cert: PathBuf,
-    /// Its private key (PEM).
-    pub key: PathBuf,
+    pub tls: netport_common::TlsToml,
 }
 
 fn default_bind() -> IpAddr {
@@ -114,7 +102,7 @@ impl Config {
                 "`capacity` = {capacity} must be between 1 and {pairs} (each allocation takes two ports of `ports`)"
             );
         }
-        let credentials = load_credentials(&raw.tls, base, Role::Relay)?;
+        let credentials = raw.tls.load(base, Role::Relay)?;
         Ok(Config {
             servers,
             public_address: raw.public_address,
@@ -126,33 +114,6 @@ impl Config {
             credentials,
         })
     }
-}
-
-/// Loads certificate, key and CA, and checks the certificate is for `role`.
-pub fn load_credentials(tls: &TlsToml, base: &Path, role: Role) -> Result<Credentials> {
-    let read = |key: &str, p: &Path| {
-        let full = base.join(p);
-        std::fs::read(&full).with_context(|| {
-            format!("`tls.{key}`: cannot read {} (check the path; `netportd ca issue` writes these files)", full.display())
-        })
-    };
-    let creds = Credentials::from_pem(
-        &read("cert", &tls.cert)?,
-        &read("key", &tls.key)?,
-        &read("ca", &tls.ca)?,
-    )
-    .context(
-        "`tls`: the certificate, key and CA do not fit together (is `key` the key of `cert`?)",
-    )?;
-    if creds.identity().role != role {
-        bail!(
-            "`tls.cert` is for {}, but this daemon needs a {} certificate (`netportd ca issue {} NAME`)",
-            creds.identity(),
-            role.as_str(),
-            role.as_str()
-        );
-    }
-    Ok(creds)
 }
 
 fn parse_range(s: &str) -> Option<(u16, u16)> {

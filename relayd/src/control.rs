@@ -1,33 +1,19 @@
 //! The control session with netportd.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use netport_proto::control::{Decoder, Message, PeerRole, VERSION, encode_message};
-use rustls_pki::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tokio_rustls::TlsConnector;
 
 use crate::config::Config;
 use crate::pairing::{Allocations, Closed};
-
-use tokio_rustls::rustls::pki_types as rustls_pki;
 
 /// How a session ended without an error on our side.
 pub enum End {
     Shutdown,
     Lost(String),
-}
-
-/// `base` scaled by a random-ish factor in [0.5, 1.5): spreads reconnects of many relays.
-pub fn jitter(base: Duration) -> Duration {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    base.mul_f64(0.5 + f64::from(nanos % 1000) / 1000.0)
 }
 
 pub async fn session(
@@ -38,19 +24,7 @@ pub async fn session(
     closed_rx: &mut mpsc::UnboundedReceiver<Closed>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<End> {
-    let tls = config.credentials.control_client()?;
-    let connector = TlsConnector::from(std::sync::Arc::new(tls));
-    let server_name = ServerName::try_from(name.to_string())
-        .map_err(|_| anyhow!("`{name}` is not a valid server name"))?;
-    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
-        .await
-        .context("connect timed out")?
-        .with_context(|| format!("connect to {addr}"))?;
-    tcp.set_nodelay(true)?;
-    let stream = tokio::time::timeout(Duration::from_secs(10), connector.connect(server_name, tcp))
-        .await
-        .context("TLS handshake timed out")?
-        .context("TLS handshake")?;
+    let stream = netport_common::connect_control(&config.credentials, addr, name).await?;
     let (mut rd, mut wr) = tokio::io::split(stream);
 
     wr.write_all(&encode_message(&Message::Hello {

@@ -51,7 +51,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                 Err(e) => tracing::warn!(server = %addr, "cannot reach netportd: {e:#}"),
             }
         }
-        let wait = control::jitter(backoff);
+        let wait = netport_common::jitter(backoff);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => {}

@@ -59,7 +59,7 @@ fn sibling(name: &str) -> Result<PathBuf> {
 }
 
 pub fn run(args: Args) -> u8 {
-    super::run::init_logs(super::run::LogFormat::Text);
+    netport_common::init_logs(netport_common::LogFormat::Text);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -242,7 +242,7 @@ async fn demo(args: Args) -> Result<()> {
             "Logs of the relay and portals: {}\nPress Ctrl-C to stop.",
             d.display()
         );
-        super::run::wait_for_signal().await;
+        netport_common::wait_for_signal().await;
     }
     let _ = stop_tx.send(true);
     let _ = server_task.await;

@@ -30,19 +30,7 @@ pub struct NetportdToml {
     #[serde(default = "default_debounce")]
     pub reload_debounce_ms: u64,
     /// Certificates.
-    pub tls: TlsToml,
-}
-
-/// Certificate files.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsToml {
-    /// The Netport CA certificate (PEM).
-    pub ca: PathBuf,
-    /// The server's certificate chain (PEM), `netport://server/<name>`.
-    pub cert: PathBuf,
-    /// Its private key (PEM).
-    pub key: PathBuf,
+    pub tls: netport_common::TlsToml,
 }
 
 fn default_heartbeat() -> u32 {
@@ -97,26 +85,7 @@ impl Config {
         if raw.token_ttl_secs == 0 {
             bail!("`token_ttl_secs` must be at least 1");
         }
-        let read = |key: &str, p: &Path| {
-            let full = base.join(p);
-            std::fs::read(&full).with_context(|| {
-                format!("`tls.{key}`: cannot read {} (`netportd ca init` and `netportd ca issue` write these files)", full.display())
-            })
-        };
-        let credentials = Credentials::from_pem(
-            &read("cert", &raw.tls.cert)?,
-            &read("key", &raw.tls.key)?,
-            &read("ca", &raw.tls.ca)?,
-        )
-        .context(
-            "`tls`: the certificate, key and CA do not fit together (is `key` the key of `cert`?)",
-        )?;
-        if credentials.identity().role != Role::Server {
-            bail!(
-                "`tls.cert` is for {}, but netportd needs a server certificate (`netportd ca issue server NAME --dns HOST`)",
-                credentials.identity()
-            );
-        }
+        let credentials = raw.tls.load(base, Role::Server)?;
         let policy_dir = base.join(&raw.policy);
         let report = netport_policy::load(&policy_dir).with_context(|| {
             format!(

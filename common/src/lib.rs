@@ -1,0 +1,213 @@
+//! What the three Netport daemons share at run time: reading certificate files into
+//! credentials, log set-up, waiting for a shutdown signal, and opening a control connection
+//! to netportd. Wire formats and decisions are not here (they live in `netport-proto` and
+//! `netport-policy`); nor is anything one daemon alone needs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use netport_proto::identity::Role;
+use netport_proto::tls::Credentials;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+/// The `[tls]` table of every daemon's configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsToml {
+    /// The Netport CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This daemon's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+}
+
+impl TlsToml {
+    /// Reads the files (relative paths from `base`) and checks that the certificate, key and
+    /// CA fit together and that the certificate is for `role`. Errors name the key and the fix.
+    pub fn load(&self, base: &Path, role: Role) -> Result<Credentials> {
+        let read = |key: &str, p: &Path| {
+            let full = base.join(p);
+            std::fs::read(&full).with_context(|| {
+                format!(
+                    "`tls.{key}`: cannot read {} (`netportd ca init` and `netportd ca issue` write these files)",
+                    full.display()
+                )
+            })
+        };
+        let creds = Credentials::from_pem(
+            &read("cert", &self.cert)?,
+            &read("key", &self.key)?,
+            &read("ca", &self.ca)?,
+        )
+        .context(
+            "`tls`: the certificate, key and CA do not fit together (is `key` the key of `cert`?)",
+        )?;
+        if creds.identity().role != role {
+            bail!(
+                "`tls.cert` is for {}, but this daemon needs a {} certificate (`netportd ca issue {} NAME`)",
+                creds.identity(),
+                role.as_str(),
+                role.as_str()
+            );
+        }
+        Ok(creds)
+    }
+}
+
+/// Control server addresses with the name to check on the server certificate for each.
+pub fn servers(list: &[String], server_name: Option<&str>) -> Result<Vec<(String, String)>> {
+    if list.is_empty() {
+        bail!(
+            "`servers` is empty: list at least one netportd address, like [\"netportd.example.net:7443\"]"
+        );
+    }
+    list.iter()
+        .map(|s| {
+            let host = netport_proto::control::host_of(s).with_context(|| {
+                format!("`servers` entry `{s}` is not host:port (for example \"netportd.example.net:7443\")")
+            })?;
+            Ok((s.clone(), server_name.map_or(host, str::to_string)))
+        })
+        .collect()
+}
+
+/// Log line format, chosen with `--log-format`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logs to stderr at the level `RUST_LOG` gives (default `info`); colours only on a terminal.
+pub fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// A daemon's `main`: logs, a configuration validated before anything else (exit 2 on a bad
+/// one), a runtime, and `run` until SIGTERM or Ctrl-C (exit 0) or a failure (exit 1).
+pub fn daemon_main<C, F, Fut>(
+    log: LogFormat,
+    load: impl FnOnce() -> Result<C>,
+    run: F,
+) -> std::process::ExitCode
+where
+    F: FnOnce(C, tokio::sync::watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    use std::process::ExitCode;
+    init_logs(log);
+    let config = match load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            let _ = tx.send(true);
+        });
+        match run(config, rx).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// `base` scaled by a factor in [0.5, 1.5): spreads the reconnects of many peers.
+pub fn jitter(base: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    base.mul_f64(0.5 + f64::from(nanos % 1000) / 1000.0)
+}
+
+/// Opens a control connection: TCP to `addr`, then TLS checking the server certificate
+/// against `name`; each step bounded by 10 s.
+pub async fn connect_control(
+    creds: &Credentials,
+    addr: &str,
+    name: &str,
+) -> Result<TlsStream<TcpStream>> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(creds.control_client()?));
+    let server_name = tokio_rustls::rustls::pki_types::ServerName::try_from(name.to_string())
+        .map_err(|_| anyhow!("`{name}` is not a valid server name"))?;
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .context("connect timed out")?
+        .with_context(|| format!("connect to {addr}"))?;
+    tcp.set_nodelay(true)?;
+    tokio::time::timeout(Duration::from_secs(10), connector.connect(server_name, tcp))
+        .await
+        .context("TLS handshake timed out")?
+        .context("TLS handshake")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn servers_need_host_and_port() {
+        assert!(super::servers(&[], None).is_err());
+        assert!(super::servers(&["nohost".into()], None).is_err());
+        let s = super::servers(
+            &["netportd.example.net:7443".into(), "[::1]:7443".into()],
+            None,
+        );
+        assert_eq!(
+            s.ok(),
+            Some(vec![
+                (
+                    "netportd.example.net:7443".into(),
+                    "netportd.example.net".into()
+                ),
+                ("[::1]:7443".into(), "::1".into())
+            ])
+        );
+    }
+}
