@@ -233,7 +233,21 @@ async fn portal_session(
                 tokio::spawn(async move {
                     let answer = open_link(&server, &name, &key, request_id, &access).await;
                     if let Err(denied) = answer {
-                        tracing::info!(portal = %name, access = %access, "link denied: {denied:?}");
+                        if let Message::LinkDenied {
+                            reason,
+                            rule,
+                            message,
+                            ..
+                        } = &denied
+                        {
+                            tracing::info!(
+                                portal = %name,
+                                access = %access,
+                                reason = %reason,
+                                rule = rule.as_deref().unwrap_or("-"),
+                                "link denied: {message}"
+                            );
+                        }
                         let _ = tx.send(denied);
                     }
                 });
