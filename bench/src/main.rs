@@ -3,6 +3,7 @@
 //! ```text
 //! netport-bench gen --portals 10000 --services 1000 --access 10000 --out DIR
 //! netport-bench policy [--portals N] [--services N] [--access N] [--runs N]
+//! netport-bench tunnel [--rounds N] [--peers direct,netport,ssh,stunnel,rathole]
 //! ```
 //!
 //! See `bench/README.md`.
@@ -18,11 +19,13 @@ use clap::{Args, Parser, Subcommand};
 mod generate;
 mod policy;
 mod rng;
+mod tunnel;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "netport-bench",
-    about = "Netport benchmarks: generate large policies and time check, explain and decide"
+    about = "Netport benchmarks: generate large policies, time check, explain and decide, and \
+             measure the tunnel against its peers"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -41,6 +44,9 @@ enum Command {
     },
     /// Generate a policy into a temporary directory and time check, explain and decide.
     Policy(policy::Args),
+    /// Measure Netport's tunnel against direct TCP, ssh -L, a stunnel chain and rathole, on
+    /// 127.0.0.1: throughput, latency, new connections per second, memory.
+    Tunnel(tunnel::Args),
 }
 
 /// The size and shape of a generated policy.
@@ -129,5 +135,6 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Policy(args) => policy::run(args),
+        Command::Tunnel(args) => tunnel::run(args),
     }
 }
