@@ -128,6 +128,28 @@ struct Crafted {
 }
 
 impl Crafted {
+    /// TLS with `creds`, then hello as a portal.
+    async fn connect(
+        creds: &netport_proto::tls::Credentials,
+        server: std::net::SocketAddr,
+    ) -> Result<Crafted> {
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(creds.control_client()?));
+        let tcp = TcpStream::connect(server).await?;
+        let name = tokio_rustls::rustls::pki_types::ServerName::from(server.ip());
+        let mut c = Crafted {
+            tls: connector.connect(name, tcp).await?,
+            decoder: Decoder::new(),
+        };
+        c.tls
+            .write_all(&encode_message(&Message::Hello {
+                role: PeerRole::Portal,
+                versions: vec![VERSION],
+                software: "crafted".into(),
+            }))
+            .await?;
+        Ok(c)
+    }
+
     async fn next(&mut self) -> Result<Message> {
         let mut buf = [0u8; 8192];
         loop {
@@ -163,20 +185,7 @@ async fn the_serving_portal_refuses_a_target_not_granted_to_the_link() -> Result
     sys.wait_ready().await?;
     wait_log(&sys, "netportd", "relay connected", T).await?;
 
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(creds.control_client()?));
-    let tcp = TcpStream::connect(sys.server_addr).await?;
-    let name = tokio_rustls::rustls::pki_types::ServerName::from(sys.server_addr.ip());
-    let mut c = Crafted {
-        tls: connector.connect(name, tcp).await?,
-        decoder: Decoder::new(),
-    };
-    c.tls
-        .write_all(&encode_message(&Message::Hello {
-            role: PeerRole::Portal,
-            versions: vec![VERSION],
-            software: "crafted".into(),
-        }))
-        .await?;
+    let mut c = Crafted::connect(&creds, sys.server_addr).await?;
     let mut offer = None;
     c.tls
         .write_all(&encode_message(&Message::OpenLink {
@@ -248,20 +257,7 @@ async fn a_portal_without_access_is_denied_with_the_reason_and_rule() -> Result<
     sys.wait_ready().await?;
 
     // mallory holds no listener, but asks for alice's rule anyway.
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(creds.control_client()?));
-    let tcp = TcpStream::connect(sys.server_addr).await?;
-    let name = tokio_rustls::rustls::pki_types::ServerName::from(sys.server_addr.ip());
-    let mut c = Crafted {
-        tls: connector.connect(name, tcp).await?,
-        decoder: Decoder::new(),
-    };
-    c.tls
-        .write_all(&encode_message(&Message::Hello {
-            role: PeerRole::Portal,
-            versions: vec![VERSION],
-            software: "crafted".into(),
-        }))
-        .await?;
+    let mut c = Crafted::connect(&creds, sys.server_addr).await?;
     match c.next().await? {
         Message::Welcome { .. } => {}
         other => bail!("expected welcome, got {other:?}"),
