@@ -329,3 +329,50 @@ async fn an_idle_link_closes_and_the_next_connection_sets_up_a_new_one() -> Resu
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_connection_is_aborted_at_the_service_too() -> Result<()> {
+    // A service that reports when its side of each connection ends.
+    let service = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let target = service.local_addr()?.to_string();
+    let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = service.accept().await {
+            let ended = ended_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = ended.send(());
+            });
+        }
+    });
+    let (port, _) = netport_e2e::free_port_range(1)?;
+    let sys = System::start(&two_portal_policy(&target, port), &["alice", "nas"])?;
+    let listen = format!("127.0.0.1:{port}");
+    wait_listening(&listen, T).await?;
+    sys.wait_ready().await?;
+    // The readiness probe's connection ended already; forget it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while ended_rx.try_recv().is_ok() {}
+
+    let mut s = TcpStream::connect(&listen).await?;
+    s.write_all(b"ping").await?;
+    let mut b = [0u8; 4];
+    tokio::time::timeout(T, s.read_exact(&mut b)).await??;
+    // Abort: close with a reset instead of a FIN.
+    s.set_zero_linger()?;
+    drop(s);
+    tokio::time::timeout(T, ended_rx.recv())
+        .await
+        .context("the service's connection outlived the aborted client")?;
+    Ok(())
+}
