@@ -9,8 +9,8 @@ use serde::Deserialize;
 
 use crate::addr::{self, AddrError};
 use crate::compiled::{
-    AccessRule, Expect, Index, Origin, Policy, PolicyTest, Portal, Protocol, Relay, Revocation,
-    Service,
+    AccessRule, Expect, Index, Names, Origin, Policy, PolicyTest, Portal, Protocol, Relay,
+    Revocation, Service, name_index,
 };
 use crate::decide::Request;
 use crate::diag::{self, Code, Diagnostic, Severity};
@@ -549,11 +549,7 @@ fn semantic(ctx: &mut Ctx, parsed: Parsed) -> Option<Policy> {
             origin: ctx.origin(item.file, &name_span),
         });
     }
-    let portal_idx: HashMap<String, u32> = portal_out
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (p.name.clone(), i as u32))
-        .collect();
+    let portal_idx = name_index(portal_out.iter().map(|x| x.name.as_str()));
 
     // Relays.
     let mut relay_out = Vec::with_capacity(relays.len());
@@ -638,11 +634,7 @@ fn semantic(ctx: &mut Ctx, parsed: Parsed) -> Option<Policy> {
             }
         }
     }
-    let relay_idx: HashMap<String, u32> = relay_out
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.name.clone(), i as u32))
-        .collect();
+    let relay_idx = name_index(relay_out.iter().map(|x| x.name.as_str()));
 
     // Services.
     let mut service_out = Vec::with_capacity(services.len());
@@ -692,11 +684,7 @@ fn semantic(ctx: &mut Ctx, parsed: Parsed) -> Option<Policy> {
             origin: ctx.origin(item.file, &name_span),
         });
     }
-    let service_idx: HashMap<String, u32> = service_out
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.name.clone(), i as u32))
-        .collect();
+    let service_idx = name_index(service_out.iter().map(|x| x.name.as_str()));
 
     // Access rules.
     let mut access_out = Vec::with_capacity(access.len());
@@ -815,9 +803,12 @@ fn semantic(ctx: &mut Ctx, parsed: Parsed) -> Option<Policy> {
     }
 
     let index = Index::build(
+        Names {
+            portal: portal_idx,
+            service: service_idx,
+            relay: relay_idx,
+        },
         &portal_out,
-        &service_out,
-        &relay_out,
         &access_out,
         relays_by_rule,
         revoked_keys.keys().copied().collect(),
@@ -863,7 +854,7 @@ fn semantic(ctx: &mut Ctx, parsed: Parsed) -> Option<Policy> {
     for item in &parsed.tests {
         let t = &item.v;
         let mut ok = true;
-        if !portal_idx.contains_key(&t.from) && !ctx.poisoned.contains(&Kind::Portal) {
+        if !index.portal.contains_key(&t.from) && !ctx.poisoned.contains(&Kind::Portal) {
             let span = ctx.field(Kind::Test, item, "from");
             ctx.push(unknown(
                 Code::UnknownPortal,
@@ -874,7 +865,7 @@ fn semantic(ctx: &mut Ctx, parsed: Parsed) -> Option<Policy> {
             ));
             ok = false;
         }
-        if !service_idx.contains_key(&t.service) && !ctx.poisoned.contains(&Kind::Service) {
+        if !index.service.contains_key(&t.service) && !ctx.poisoned.contains(&Kind::Service) {
             let span = ctx.field(Kind::Test, item, "service");
             ctx.push(unknown(
                 Code::UnknownService,

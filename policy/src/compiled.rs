@@ -220,32 +220,46 @@ pub(crate) struct Index {
     pub revoked: HashSet<[u8; 32]>,
 }
 
+/// Name → position maps of the sorted portals, services and relays.
+#[derive(Debug, Default)]
+pub(crate) struct Names {
+    pub portal: HashMap<String, u32>,
+    pub service: HashMap<String, u32>,
+    pub relay: HashMap<String, u32>,
+}
+
+/// Maps each name to its position.
+pub(crate) fn name_index<'a>(names: impl Iterator<Item = &'a str>) -> HashMap<String, u32> {
+    names
+        .enumerate()
+        .map(|(i, n)| (n.to_string(), i as u32))
+        .collect()
+}
+
 impl Index {
     /// Builds the lookup tables from the sorted definitions (shared by compilation and by
     /// [`Policy::thaw`]).
+    /// `names` are the portal, service and relay name maps (see [`name_index`]): the checker
+    /// has built them already, so they are handed over rather than built twice.
     pub(crate) fn build(
+        names: Names,
         portals: &[Portal],
-        services: &[Service],
-        relays: &[Relay],
         access: &[AccessRule],
         relays_by_rule: Vec<Vec<u32>>,
         revoked: HashSet<[u8; 32]>,
     ) -> Index {
-        let mut rules_by_service = vec![Vec::new(); services.len()];
+        let mut rules_by_service = vec![Vec::new(); names.service.len()];
         for (r, rule) in access.iter().enumerate() {
             if let Some(list) = rules_by_service.get_mut(rule.service_idx as usize) {
                 list.push(r as u32);
             }
         }
         let grants = Grants::build(portals.len(), access);
-        let names = |it: &mut dyn Iterator<Item = &String>| -> HashMap<String, u32> {
-            it.enumerate().map(|(i, n)| (n.clone(), i as u32)).collect()
-        };
         Index {
-            portal: names(&mut portals.iter().map(|p| &p.name)),
-            service: names(&mut services.iter().map(|s| &s.name)),
-            relay: names(&mut relays.iter().map(|r| &r.name)),
-            access: names(&mut access.iter().map(|a| &a.name)),
+            portal: names.portal,
+            service: names.service,
+            relay: names.relay,
+            access: name_index(access.iter().map(|a| a.name.as_str())),
             rules_by_service,
             grants,
             relays_by_rule,

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::compiled::{
-    AccessRule, Index, Origin, Policy, Portal, Protocol, Relay, Revocation, Service,
+    AccessRule, Index, Names, Origin, Policy, Portal, Protocol, Relay, Revocation, Service,
+    name_index,
 };
 use crate::source::SourceFile;
 
@@ -311,14 +312,12 @@ impl Policy {
                 Some(k)
             })
             .collect();
-        let index = Index::build(
-            &portals,
-            &services,
-            &relays,
-            &access,
-            f.relays_by_rule,
-            keys,
-        );
+        let names = Names {
+            portal: name_index(portals.iter().map(|p| p.name.as_str())),
+            service: name_index(services.iter().map(|s| s.name.as_str())),
+            relay: name_index(relays.iter().map(|r| r.name.as_str())),
+        };
+        let index = Index::build(names, &portals, &access, f.relays_by_rule, keys);
         Some(Policy {
             hash: f.hash,
             portals,

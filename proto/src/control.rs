@@ -249,11 +249,6 @@ struct EnvelopeRef<'a> {
     msg: &'a Message,
 }
 
-#[derive(Deserialize)]
-struct VersionOnly {
-    v: Option<u64>,
-}
-
 /// Why a frame body is not a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -281,17 +276,16 @@ impl Message {
 
     /// Parses a frame body.
     pub fn from_body(body: &[u8]) -> Result<Message, DecodeError> {
-        let head: VersionOnly =
-            serde_json::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-        match head.v {
-            Some(v) if v == u64::from(VERSION) => {}
-            Some(v) => return Err(DecodeError::Version(v)),
-            None => return Err(DecodeError::Malformed("no version field `v`".into())),
-        }
         let mut value: serde_json::Value =
             serde_json::from_slice(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-        if let Some(obj) = value.as_object_mut() {
-            obj.remove("v");
+        let Some(obj) = value.as_object_mut() else {
+            return Err(DecodeError::Malformed("not a JSON object".into()));
+        };
+        match obj.remove("v").map(|v| v.as_u64()) {
+            Some(Some(v)) if v == u64::from(VERSION) => {}
+            Some(Some(v)) => return Err(DecodeError::Version(v)),
+            Some(None) => return Err(DecodeError::Malformed("`v` is not a version number".into())),
+            None => return Err(DecodeError::Malformed("no version field `v`".into())),
         }
         serde_json::from_value(value).map_err(|e| DecodeError::Unknown(e.to_string()))
     }

@@ -166,11 +166,17 @@ pub struct ControlPeer {
     acceptor: tokio_rustls::TlsAcceptor,
 }
 
-/// One accepted control connection.
-pub struct ControlConn {
-    stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+/// One control connection, either side: framed messages over a TLS stream.
+pub struct Control<S> {
+    stream: S,
     decoder: Decoder,
 }
+
+/// A control connection accepted by a [`ControlPeer`] (the test plays netportd).
+pub type ControlConn = Control<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+
+/// A control connection made by hand (the test plays a portal).
+pub type ControlClient = Control<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 impl ControlPeer {
     pub async fn bind(creds: &Credentials) -> Result<ControlPeer> {
@@ -188,14 +194,18 @@ impl ControlPeer {
             .await
             .context("no control connection within 20 s")??;
         let stream = self.acceptor.accept(tcp).await?;
-        Ok(ControlConn {
-            stream,
-            decoder: Decoder::new(),
-        })
+        Ok(Control::new(stream))
     }
 }
 
-impl ControlConn {
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Control<S> {
+    pub fn new(stream: S) -> Self {
+        Control {
+            stream,
+            decoder: Decoder::new(),
+        }
+    }
+
     pub async fn send(&mut self, msg: &Message) -> Result<()> {
         self.stream.write_all(&encode_message(msg)).await?;
         Ok(())
@@ -606,29 +616,26 @@ pub async fn echo_service() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// A control connection made by hand with `creds`: TLS, then hello as a portal; returns the
-/// first message the server sends, or the error the handshake or read ended with.
-pub async fn control_hello(creds: &Credentials, server: SocketAddr) -> Result<Message> {
+/// A control connection made by hand with `creds`: TLS, then hello as a portal.
+pub async fn portal_session(creds: &Credentials, server: SocketAddr) -> Result<ControlClient> {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(creds.control_client()?));
     let tcp = tokio::net::TcpStream::connect(server).await?;
     let name = tokio_rustls::rustls::pki_types::ServerName::from(server.ip());
-    let mut tls = connector.connect(name, tcp).await?;
-    tls.write_all(&encode_message(&Message::Hello {
+    let mut c = Control::new(connector.connect(name, tcp).await?);
+    c.send(&Message::Hello {
         role: netport_proto::control::PeerRole::Portal,
         versions: vec![netport_proto::control::VERSION],
         software: "test".into(),
-    }))
+    })
     .await?;
-    let mut decoder = Decoder::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(m) = decoder.next_message()? {
-            return Ok(m);
-        }
-        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await??;
-        if n == 0 {
-            bail!("closed without a message");
-        }
-        decoder.push(&buf[..n]);
-    }
+    Ok(c)
+}
+
+/// [`portal_session`], then the first message the server sends, or the error the handshake
+/// or read ended with.
+pub async fn control_hello(creds: &Credentials, server: SocketAddr) -> Result<Message> {
+    portal_session(creds, server)
+        .await?
+        .recv(Duration::from_secs(10))
+        .await
 }

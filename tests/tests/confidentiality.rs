@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use netport_e2e::{Pki, System, echo_service, wait_listening, wait_log};
-use netport_proto::control::{Decoder, Message, PeerRole, VERSION, encode_message};
+use netport_e2e::{Pki, System, echo_service, portal_session, wait_listening, wait_log};
+use netport_proto::control::Message;
 use netport_proto::identity::{Identity, Role};
 use netport_proto::relay::{READY, encode_hello, token_from_hex};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -121,52 +121,6 @@ async fn the_relay_sees_only_ciphertext() -> Result<()> {
     Ok(())
 }
 
-/// A portal's control session made by hand.
-struct Crafted {
-    tls: tokio_rustls::client::TlsStream<TcpStream>,
-    decoder: Decoder,
-}
-
-impl Crafted {
-    /// TLS with `creds`, then hello as a portal.
-    async fn connect(
-        creds: &netport_proto::tls::Credentials,
-        server: std::net::SocketAddr,
-    ) -> Result<Crafted> {
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(creds.control_client()?));
-        let tcp = TcpStream::connect(server).await?;
-        let name = tokio_rustls::rustls::pki_types::ServerName::from(server.ip());
-        let mut c = Crafted {
-            tls: connector.connect(name, tcp).await?,
-            decoder: Decoder::new(),
-        };
-        c.tls
-            .write_all(&encode_message(&Message::Hello {
-                role: PeerRole::Portal,
-                versions: vec![VERSION],
-                software: "crafted".into(),
-            }))
-            .await?;
-        Ok(c)
-    }
-
-    async fn next(&mut self) -> Result<Message> {
-        let mut buf = [0u8; 8192];
-        loop {
-            while let Some(m) = self.decoder.next_message()? {
-                if !matches!(m, Message::Heartbeat { .. }) {
-                    return Ok(m);
-                }
-            }
-            let n = tokio::time::timeout(T, self.tls.read(&mut buf)).await??;
-            if n == 0 {
-                bail!("netportd closed the session");
-            }
-            self.decoder.push(&buf[..n]);
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_serving_portal_refuses_a_target_not_granted_to_the_link() -> Result<()> {
     let echo = echo_service().await?;
@@ -185,16 +139,15 @@ async fn the_serving_portal_refuses_a_target_not_granted_to_the_link() -> Result
     sys.wait_ready().await?;
     wait_log(&sys, "netportd", "relay connected", T).await?;
 
-    let mut c = Crafted::connect(&creds, sys.server_addr).await?;
+    let mut c = portal_session(&creds, sys.server_addr).await?;
     let mut offer = None;
-    c.tls
-        .write_all(&encode_message(&Message::OpenLink {
-            request_id: 1,
-            access: "alice-echo".into(),
-        }))
-        .await?;
+    c.send(&Message::OpenLink {
+        request_id: 1,
+        access: "alice-echo".into(),
+    })
+    .await?;
     for _ in 0..5 {
-        if let m @ Message::LinkOffer { .. } = c.next().await? {
+        if let m @ Message::LinkOffer { .. } = c.recv(T).await? {
             offer = Some(m);
             break;
         }
@@ -257,22 +210,21 @@ async fn a_portal_without_access_is_denied_with_the_reason_and_rule() -> Result<
     sys.wait_ready().await?;
 
     // mallory holds no listener, but asks for alice's rule anyway.
-    let mut c = Crafted::connect(&creds, sys.server_addr).await?;
-    match c.next().await? {
+    let mut c = portal_session(&creds, sys.server_addr).await?;
+    match c.recv(T).await? {
         Message::Welcome { .. } => {}
         other => bail!("expected welcome, got {other:?}"),
     }
-    match c.next().await? {
+    match c.recv(T).await? {
         Message::DesiredState { listeners, .. } => assert!(listeners.is_empty(), "{listeners:?}"),
         other => bail!("expected desired_state, got {other:?}"),
     }
-    c.tls
-        .write_all(&encode_message(&Message::OpenLink {
-            request_id: 9,
-            access: "alice-echo".into(),
-        }))
-        .await?;
-    match c.next().await? {
+    c.send(&Message::OpenLink {
+        request_id: 9,
+        access: "alice-echo".into(),
+    })
+    .await?;
+    match c.recv(T).await? {
         Message::LinkDenied {
             request_id,
             reason,

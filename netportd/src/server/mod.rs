@@ -45,14 +45,6 @@ struct LinkInfo {
     grants: Vec<netport_proto::control::LinkGrant>,
 }
 
-/// What the last reloads did (for logs now, the status endpoint later).
-#[derive(Debug, Default)]
-struct ReloadStatus {
-    reloads: u64,
-    failures: u64,
-    last_error: Option<String>,
-}
-
 /// Where an allocation request's answer goes: the port pair, or why it failed.
 type AllocWaiter = oneshot::Sender<std::result::Result<(u16, u16), String>>;
 
@@ -72,7 +64,8 @@ pub struct Server {
     portals: Mutex<HashMap<String, PortalHandle>>,
     relays: Mutex<HashMap<String, RelayHandle>>,
     links: Mutex<HashMap<u64, LinkInfo>>,
-    status: Mutex<ReloadStatus>,
+    /// Rejected reloads since start.
+    reload_failures: AtomicU64,
     next_id: AtomicU64,
     heartbeat: Duration,
     token_ttl: Duration,
@@ -111,7 +104,7 @@ impl Server {
         let sources = match netport_policy::load_dir(dir) {
             Ok(s) => s,
             Err(e) => {
-                self.failed(&old, "-", format!("cannot read the policy directory: {e}"));
+                self.failed(&old, "-", &format!("cannot read the policy directory: {e}"));
                 return;
             }
         };
@@ -123,23 +116,17 @@ impl Server {
             self.failed(
                 &old,
                 content,
-                format!("{errors} errors:\n{}", report.render_plain()),
+                &format!("{errors} errors:\n{}", report.render_plain()),
             );
             return;
         };
         if new.hash == old.hash {
             tracing::debug!(policy = %old.short_hash(), "policy files changed, policy did not");
-            lock(&self.status).last_error = None;
             return;
         }
         let d = netport_policy::diff(&old, &new);
         let new = Arc::new(new);
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
-        {
-            let mut st = lock(&self.status);
-            st.reloads += 1;
-            st.last_error = None;
-        }
         tracing::info!(
             old = %old.short_hash(),
             new = %new.short_hash(),
@@ -155,14 +142,12 @@ impl Server {
         self.reconcile(&new);
     }
 
-    fn failed(&self, old: &Policy, content: &str, why: String) {
-        let mut st = lock(&self.status);
-        st.failures += 1;
-        st.last_error = Some(why.clone());
+    fn failed(&self, old: &Policy, content: &str, why: &str) {
+        let failures = self.reload_failures.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::error!(
             old = %old.short_hash(),
             new_content = %content,
-            failures = st.failures,
+            failures,
             "policy rejected, keeping policy {}: {why}",
             old.short_hash()
         );
@@ -302,7 +287,7 @@ pub async fn run(
         portals: Mutex::default(),
         relays: Mutex::default(),
         links: Mutex::default(),
-        status: Mutex::default(),
+        reload_failures: AtomicU64::new(0),
         next_id: AtomicU64::new(1),
         heartbeat: config.heartbeat,
         token_ttl: config.token_ttl,

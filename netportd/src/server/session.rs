@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
 
 use super::{PortalHandle, RelayHandle, Server, lock};
 
@@ -43,6 +44,34 @@ impl Reader {
             }
             self.decoder.push(&self.buf[..n]);
         }
+    }
+}
+
+impl Reader {
+    /// Like [`Reader::next`], but `Ok(None)` as soon as `cancel` fires (the server cut the
+    /// session off).
+    async fn next_or_cancelled(
+        &mut self,
+        idle: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Message>> {
+        tokio::select! {
+            n = self.next(idle) => n,
+            _ = cancel.cancelled() => Ok(None),
+        }
+    }
+}
+
+/// Removes `name`'s session from `map` unless a newer session has replaced it.
+fn unregister<H>(
+    map: &std::sync::Mutex<std::collections::HashMap<String, H>>,
+    name: &str,
+    conn: u64,
+    conn_of: impl Fn(&H) -> u64,
+) {
+    let mut map = lock(map);
+    if map.get(name).is_some_and(|h| conn_of(h) == conn) {
+        map.remove(name);
     }
 }
 
@@ -207,7 +236,7 @@ async fn portal_session(
         heartbeat_secs: server.heartbeat.as_secs() as u32,
     });
     let _ = tx.send(desired_state(&policy, &name));
-    let cancel = tokio_util::sync::CancellationToken::new();
+    let cancel = CancellationToken::new();
     let handle = PortalHandle {
         conn,
         tx: tx.clone(),
@@ -220,11 +249,10 @@ async fn portal_session(
     }
     tracing::info!(portal = %name, %peer, spki = %info.spki_sha256_hex(), "portal connected");
     let result = loop {
-        let next = tokio::select! {
-            n = reader.next(server.heartbeat * 3) => n,
-            _ = cancel.cancelled() => break Ok(()),
-        };
-        match next {
+        match reader
+            .next_or_cancelled(server.heartbeat * 3, &cancel)
+            .await
+        {
             Ok(Some(Message::OpenLink { request_id, access })) => {
                 let server = server.clone();
                 let name = name.clone();
@@ -261,11 +289,7 @@ async fn portal_session(
             Err(e) => break Err(e),
         }
     };
-    let mut portals = lock(&server.portals);
-    if portals.get(&name).is_some_and(|h| h.conn == conn) {
-        portals.remove(&name);
-    }
-    drop(portals);
+    unregister(&server.portals, &name, conn, |h| h.conn);
     tracing::info!(portal = %name, "portal disconnected");
     result
 }
@@ -485,7 +509,7 @@ async fn relay_session(
         policy: policy.hash.clone(),
         heartbeat_secs: server.heartbeat.as_secs() as u32,
     });
-    let cancel = tokio_util::sync::CancellationToken::new();
+    let cancel = CancellationToken::new();
     let previous = lock(&server.relays).insert(
         name.clone(),
         RelayHandle {
@@ -503,11 +527,10 @@ async fn relay_session(
     }
     tracing::info!(relay = %name, %peer, ports = %format!("{port_first}-{port_last}"), capacity, "relay connected");
     let result = loop {
-        let next = tokio::select! {
-            n = reader.next(server.heartbeat * 3) => n,
-            _ = cancel.cancelled() => break Ok(()),
-        };
-        match next {
+        match reader
+            .next_or_cancelled(server.heartbeat * 3, &cancel)
+            .await
+        {
             Ok(Some(Message::Allocated {
                 alloc_id,
                 port_a,
@@ -546,11 +569,7 @@ async fn relay_session(
             Err(e) => break Err(e),
         }
     };
-    let mut relays = lock(&server.relays);
-    if relays.get(&name).is_some_and(|h| h.conn == conn) {
-        relays.remove(&name);
-    }
-    drop(relays);
+    unregister(&server.relays, &name, conn, |h| h.conn);
     tracing::info!(relay = %name, "relay disconnected");
     result
 }
