@@ -3,6 +3,8 @@
 //! to netportd. Wire formats and decisions are not here (they live in `netport-proto` and
 //! `netport-policy`); nor is anything one daemon alone needs.
 
+pub mod admin;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

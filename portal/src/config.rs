@@ -18,12 +18,24 @@ pub struct PortalToml {
     /// Seconds a link with no stream stays open before it is closed (default 300).
     #[serde(default = "default_idle")]
     pub link_idle_secs: u64,
+    /// Where to serve `/metrics`, `/healthz`, `/readyz` and `/status` over plain HTTP
+    /// (`ip:port`); off when absent. Bind it to loopback or a management network.
+    #[serde(default)]
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// On SIGTERM, seconds that open connections may take to finish before the process
+    /// exits (default 30); nothing new is accepted meanwhile.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u64,
     /// Certificates.
     pub tls: netport_common::TlsToml,
 }
 
 fn default_idle() -> u64 {
     300
+}
+
+fn default_grace() -> u64 {
+    30
 }
 
 /// A validated configuration.
@@ -35,6 +47,10 @@ pub struct Config {
     pub link_idle: std::time::Duration,
     /// TLS credentials.
     pub credentials: Credentials,
+    /// The admin endpoint's address.
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// How long a shutdown waits for open connections.
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl Config {
@@ -58,6 +74,8 @@ impl Config {
             servers,
             link_idle: std::time::Duration::from_secs(raw.link_idle_secs),
             credentials,
+            admin_listen: raw.admin_listen,
+            shutdown_grace: std::time::Duration::from_secs(raw.shutdown_grace_secs),
         })
     }
 }

@@ -18,7 +18,12 @@ pub async fn run(portal: Arc<Portal>, mut shutdown: watch::Receiver<bool>) -> Re
             if *shutdown.borrow() {
                 return Ok(());
             }
-            match session(&portal, addr, name, &mut shutdown).await {
+            let ended = session(&portal, addr, name, &mut shutdown).await;
+            portal
+                .stats
+                .connected
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            match ended {
                 Ok(true) => return Ok(()),
                 Ok(false) => {
                     backoff = Duration::from_millis(200);
@@ -86,6 +91,7 @@ async fn session(
                         }
                         Message::DesiredState { policy, listeners } => {
                             portal.listeners.reconcile(portal, listeners, &policy);
+                            portal.stats.connected.store(true, std::sync::atomic::Ordering::Relaxed);
                         }
                         Message::LinkOffer { request_id, .. } | Message::LinkDenied { request_id, .. } => {
                             portal.answer(request_id, msg);

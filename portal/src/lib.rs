@@ -11,6 +11,7 @@ mod control;
 mod link;
 mod listeners;
 pub mod mux;
+mod observe;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +31,7 @@ pub struct Portal {
     waiting: Mutex<HashMap<u64, oneshot::Sender<Message>>>,
     links: link::Links,
     listeners: listeners::Listeners,
+    stats: observe::Stats,
 }
 
 impl std::fmt::Debug for Portal {
@@ -70,6 +72,13 @@ impl Portal {
         }
     }
 
+    /// Sends `msg` to netportd if a session is up (reports that may be lost).
+    fn tell_server(&self, msg: Message) {
+        if let Some(c) = lock(&self.control).as_ref() {
+            let _ = c.send(msg);
+        }
+    }
+
     fn answer(&self, request_id: u64, msg: Message) {
         if let Some(w) = lock(&self.waiting).remove(&request_id) {
             let _ = w.send(msg);
@@ -79,6 +88,11 @@ impl Portal {
 
 /// Runs the portal until `shutdown` turns true.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> {
+    let stats = observe::Stats::new(&config.credentials);
+    let admin = match config.admin_listen {
+        Some(a) => Some(netport_common::admin::bind(a).await?),
+        None => None,
+    };
     let portal = Arc::new(Portal {
         config,
         control: Mutex::new(None),
@@ -86,8 +100,18 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> 
         waiting: Mutex::default(),
         links: link::Links::default(),
         listeners: listeners::Listeners::default(),
+        stats,
     });
+    if let Some(listener) = admin {
+        tokio::spawn(netport_common::admin::serve(
+            listener,
+            Arc::new(observe::Admin(portal.clone())),
+            shutdown.clone(),
+        ));
+    }
     let result = control::run(portal.clone(), shutdown).await;
-    portal.listeners.clear();
+    // Graceful shutdown: no new connections; open ones get the grace period (their links
+    // do not need the control session).
+    portal.listeners.drain(portal.config.shutdown_grace).await;
     result
 }

@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::mux::{self, MuxStream, Opener};
+use crate::observe::Side;
 use crate::{Portal, lock};
 use tokio_util::sync::CancellationToken;
 
@@ -140,10 +141,17 @@ async fn meet(relay: &RelayEndpoint, token: &str, within: Duration) -> Result<Tc
 }
 
 /// Carries one accepted client connection to its service.
-pub async fn carry(portal: Arc<Portal>, spec: &ListenerSpec, mut tcp: TcpStream) -> Result<()> {
+pub async fn carry(
+    portal: Arc<Portal>,
+    spec: &ListenerSpec,
+    mut tcp: TcpStream,
+    from: std::net::SocketAddr,
+) -> Result<()> {
     let _ = tcp.set_nodelay(true);
+    let started = std::time::Instant::now();
     let mut stream = None;
     let mut guard = None;
+    let mut link_id = 0;
     for _ in 0..2 {
         let link = client_link(&portal, spec).await?;
         let active = Active::new(&link.active);
@@ -151,6 +159,7 @@ pub async fn carry(portal: Arc<Portal>, spec: &ListenerSpec, mut tcp: TcpStream)
             Ok(s) => {
                 stream = Some(s);
                 guard = Some(active);
+                link_id = link.link_id;
                 break;
             }
             Err(_) => {
@@ -174,10 +183,24 @@ pub async fn carry(portal: Arc<Portal>, spec: &ListenerSpec, mut tcp: TcpStream)
         let msg = read_msg(&mut stream).await.unwrap_or_default();
         bail!("the serving portal refused `{}`: {msg}", spec.service);
     }
-    let _ =
-        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, COPY_BUF, COPY_BUF).await;
+    let counted = portal.stats.stream(Side::Client);
+    let (up, down) =
+        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, COPY_BUF, COPY_BUF)
+            .await
+            .unwrap_or((0, 0));
     // The stream counted as active until here.
     drop(guard);
+    drop(counted);
+    portal.stats.stream_bytes(Side::Client, up, down);
+    portal.tell_server(Message::StreamClosed {
+        link_id,
+        access: spec.access.clone(),
+        service: spec.service.clone(),
+        source: from.to_string(),
+        bytes_to_service: up,
+        bytes_from_service: down,
+        duration_ms: started.elapsed().as_millis() as u64,
+    });
     Ok(())
 }
 
@@ -233,6 +256,7 @@ async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Client
             message,
             ..
         } => {
+            portal.stats.denied(&reason);
             let rule = rule.map(|r| format!(", rule `{r}`")).unwrap_or_default();
             tracing::warn!(access = %spec.access, service = %spec.service, %reason, "denied by netportd ({reason}{rule}): {message}");
             bail!("denied ({reason}{rule}): {message}");
@@ -265,7 +289,9 @@ async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Client
         })?;
     let dead = Arc::new(AtomicBool::new(false));
     let flag = dead.clone();
+    let up = portal.stats.link(Side::Client);
     let opener = mux::client(tls, move |why| {
+        drop(up);
         flag.store(true, Ordering::Relaxed);
         tracing::info!(link_id, %peer, "link ended: {why}");
     });
@@ -344,13 +370,16 @@ pub async fn serve_incoming(
     let streams: OpenStreams = Arc::default();
     let g = grants.clone();
     let st = streams.clone();
+    let p = portal.clone();
     let task = tokio::spawn(async move {
+        let _up = p.stats.link(Side::Serving);
         let why = mux::server(tls, |stream| {
             let grants = g.clone();
             let streams = st.clone();
             let peer = peer.clone();
+            let p = p.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_stream(stream, grants, streams, &peer).await {
+                if let Err(e) = serve_stream(&p, stream, grants, streams, &peer).await {
                     tracing::warn!(%peer, "stream refused: {e:#}");
                 }
             });
@@ -371,6 +400,7 @@ pub async fn serve_incoming(
 }
 
 async fn serve_stream(
+    portal: &Portal,
     mut stream: MuxStream,
     grants: SharedGrants,
     streams: OpenStreams,
@@ -421,10 +451,16 @@ async fn serve_stream(
     // Registered by service, so a grant that shrinks can cut this stream.
     let cancel = CancellationToken::new();
     lock(&streams).push((service, cancel.clone()));
+    let counted = portal.stats.stream(Side::Serving);
     tokio::select! {
-        _ = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, COPY_BUF, COPY_BUF) => {}
+        r = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, COPY_BUF, COPY_BUF) => {
+            if let Ok((to, from)) = r {
+                portal.stats.stream_bytes(Side::Serving, to, from);
+            }
+        }
         _ = cancel.cancelled() => {}
     }
+    drop(counted);
     // Done: drop this stream's entry (and any other finished one).
     cancel.cancel();
     lock(&streams).retain(|(_, c)| !c.is_cancelled());

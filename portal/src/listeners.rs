@@ -5,13 +5,17 @@ use std::sync::{Arc, Mutex};
 
 use netport_proto::control::{ListenerSpec, Transport};
 use tokio::net::TcpListener;
-use tokio::task::AbortHandle;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::{Portal, lock};
 
 struct Held {
     spec: ListenerSpec,
-    task: AbortHandle,
+    /// Aborting it closes the listener and every connection that came through it.
+    task: JoinHandle<()>,
+    /// Cancelling it stops accepting but lets open connections finish (graceful shutdown).
+    stop: CancellationToken,
 }
 
 /// Listeners by access rule.
@@ -44,14 +48,10 @@ impl Listeners {
             }
             let portal = portal.clone();
             let s = spec.clone();
-            let task = tokio::spawn(async move { listen(portal, s).await });
-            held.insert(
-                access,
-                Held {
-                    spec,
-                    task: task.abort_handle(),
-                },
-            );
+            let stop = CancellationToken::new();
+            let st = stop.clone();
+            let task = tokio::spawn(async move { listen(portal, s, st).await });
+            held.insert(access, Held { spec, task, stop });
         }
         tracing::info!(policy = %&policy[..policy.len().min(12)], listeners = held.len(), "desired state applied");
     }
@@ -62,9 +62,58 @@ impl Listeners {
             h.task.abort();
         }
     }
+
+    /// Graceful shutdown: stops accepting at once, waits up to `grace` for the open
+    /// connections to end, then closes what is left.
+    pub async fn drain(&self, grace: std::time::Duration) {
+        let held: Vec<Held> = lock(&self.held).drain().map(|(_, h)| h).collect();
+        for h in &held {
+            h.stop.cancel();
+        }
+        let aborts: Vec<_> = held.iter().map(|h| h.task.abort_handle()).collect();
+        let all = join_all(held.into_iter().map(|h| h.task));
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(
+                "grace period of {} s over: closing the remaining connections",
+                grace.as_secs()
+            );
+            for a in aborts {
+                a.abort();
+            }
+        }
+    }
+
+    /// How many listeners are held.
+    pub fn count(&self) -> usize {
+        lock(&self.held).len()
+    }
+
+    /// The held listeners, for `/status`.
+    pub fn describe(&self) -> Vec<serde_json::Value> {
+        let mut out: Vec<serde_json::Value> = lock(&self.held)
+            .values()
+            .map(|h| {
+                serde_json::json!({
+                    "access": h.spec.access,
+                    "listen": h.spec.listen,
+                    "service": h.spec.service,
+                    "serving_portal": h.spec.serving_portal,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a["access"].as_str().cmp(&b["access"].as_str()));
+        out
+    }
 }
 
-async fn listen(portal: Arc<Portal>, spec: ListenerSpec) {
+/// Waits for every task.
+async fn join_all(tasks: impl Iterator<Item = JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+async fn listen(portal: Arc<Portal>, spec: ListenerSpec, stop: CancellationToken) {
     let listener = match TcpListener::bind(&spec.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -83,7 +132,7 @@ async fn listen(portal: Arc<Portal>, spec: ListenerSpec) {
                     let portal = portal.clone();
                     let spec = spec.clone();
                     conns.spawn(async move {
-                        if let Err(e) = crate::link::carry(portal, &spec, tcp).await {
+                        if let Err(e) = crate::link::carry(portal, &spec, tcp, from).await {
                             tracing::warn!(access = %spec.access, %from, service = %spec.service, "connection refused: {e:#}");
                         }
                     });
@@ -94,6 +143,13 @@ async fn listen(portal: Arc<Portal>, spec: ListenerSpec) {
                 }
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = stop.cancelled() => break,
         }
     }
+    // Draining: the listening socket is closed; open connections finish.
+    drop(listener);
+    if !conns.is_empty() {
+        tracing::info!(access = %spec.access, open = conns.len(), "listener closed; draining its connections");
+    }
+    while conns.join_next().await.is_some() {}
 }

@@ -184,6 +184,23 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+    /// The client portal reports a stream (one client connection) closed, for the audit log.
+    StreamClosed {
+        /// The link it rode.
+        link_id: u64,
+        /// The access rule of the listener it arrived on.
+        access: String,
+        /// The service.
+        service: String,
+        /// The client's address as the listener saw it.
+        source: String,
+        /// Bytes from the client toward the service.
+        bytes_to_service: u64,
+        /// Bytes from the service back to the client.
+        bytes_from_service: u64,
+        /// How long it was open, milliseconds.
+        duration_ms: u64,
+    },
 
     // ---- relay ↔ server ----
     /// The relay's offer, after `Hello`.
@@ -305,6 +322,7 @@ impl Message {
             Message::CloseLink { .. } => "close_link",
             Message::OpenLink { .. } => "open_link",
             Message::LinkClosed { .. } => "link_closed",
+            Message::StreamClosed { .. } => "stream_closed",
             Message::RelayRegister { .. } => "relay_register",
             Message::Allocate { .. } => "allocate",
             Message::Allocated { .. } => "allocated",

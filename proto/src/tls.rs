@@ -62,6 +62,7 @@ pub struct Credentials {
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
     info: CertInfo,
+    ca: Vec<CertInfo>,
     identity: Identity,
 }
 
@@ -72,6 +73,7 @@ impl Clone for Credentials {
             key: self.key.clone_key(),
             roots: self.roots.clone(),
             info: self.info.clone(),
+            ca: self.ca.clone(),
             identity: self.identity.clone(),
         }
     }
@@ -87,7 +89,9 @@ impl Credentials {
             detail: e.to_string(),
         })?;
         let mut roots = RootCertStore::empty();
+        let mut ca_infos = Vec::new();
         for ca in certs(ca_pem, "CA certificate")? {
+            ca_infos.push(identity::inspect(&ca)?);
             roots
                 .add(ca)
                 .map_err(|e| TlsError::Verifier(e.to_string()))?;
@@ -102,6 +106,7 @@ impl Credentials {
             key,
             roots: Arc::new(roots),
             info,
+            ca: ca_infos,
             identity,
         })
     }
@@ -114,6 +119,11 @@ impl Credentials {
     /// What the leaf certificate says (expiry, key hash).
     pub fn info(&self) -> &CertInfo {
         &self.info
+    }
+
+    /// What the trusted CA certificates say (expiry, for metrics and warnings).
+    pub fn ca_info(&self) -> &[CertInfo] {
+        &self.ca
     }
 
     fn client_verifier(

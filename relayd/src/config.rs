@@ -28,6 +28,14 @@ pub struct RelaydToml {
     /// Seconds a connection may stay silent before sending its hello (default 5).
     #[serde(default = "default_hello_timeout")]
     pub hello_timeout_secs: u64,
+    /// Where to serve `/metrics`, `/healthz`, `/readyz` and `/status` over plain HTTP
+    /// (`ip:port`); off when absent. Bind it to loopback or a management network.
+    #[serde(default)]
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// On SIGTERM, seconds that open allocations may take to finish before the process
+    /// exits (default 30); nothing new is accepted meanwhile.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u64,
     /// Certificates.
     pub tls: netport_common::TlsToml,
 }
@@ -38,6 +46,10 @@ fn default_bind() -> IpAddr {
 
 fn default_hello_timeout() -> u64 {
     5
+}
+
+fn default_grace() -> u64 {
+    30
 }
 
 /// A validated configuration: everything the daemon needs, nothing left to check.
@@ -59,6 +71,10 @@ pub struct Config {
     pub hello_timeout: std::time::Duration,
     /// TLS credentials.
     pub credentials: Credentials,
+    /// The admin endpoint's address.
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// How long a shutdown waits for open connections.
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl Config {
@@ -112,6 +128,8 @@ impl Config {
             capacity,
             hello_timeout: std::time::Duration::from_secs(raw.hello_timeout_secs.max(1)),
             credentials,
+            admin_listen: raw.admin_listen,
+            shutdown_grace: std::time::Duration::from_secs(raw.shutdown_grace_secs),
         })
     }
 }

@@ -23,6 +23,7 @@ pub async fn session(
     allocations: &Allocations,
     closed_rx: &mut mpsc::UnboundedReceiver<Closed>,
     shutdown: &mut watch::Receiver<bool>,
+    registered: &std::sync::atomic::AtomicBool,
 ) -> Result<End> {
     let stream = netport_common::connect_control(&config.credentials, addr, name).await?;
     let (mut rd, mut wr) = tokio::io::split(stream);
@@ -61,6 +62,7 @@ pub async fn session(
                     match msg {
                         Message::Welcome { identity, heartbeat_secs, .. } => {
                             welcomed = true;
+                            registered.store(true, std::sync::atomic::Ordering::Relaxed);
                             heartbeat = Duration::from_secs(u64::from(heartbeat_secs.max(1)));
                             tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
                             tracing::info!(server = %addr, %identity, "registered with netportd");

@@ -9,6 +9,7 @@
 
 pub mod config;
 mod control;
+mod observe;
 mod pairing;
 
 use std::sync::Arc;
@@ -22,26 +23,44 @@ pub use config::Config;
 /// Runs the relay until `shutdown` turns true.
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<()> {
     let config = Arc::new(config);
-    let (allocations, mut closed) = pairing::Allocations::new(config.clone());
+    let stats = Arc::new(observe::Stats::new(&config.credentials));
+    let (allocations, mut closed) = pairing::Allocations::new(config.clone(), stats.clone());
+    if let Some(addr) = config.admin_listen {
+        let listener = netport_common::admin::bind(addr).await?;
+        let admin = observe::Admin {
+            stats: stats.clone(),
+            allocations: allocations.clone(),
+        };
+        tokio::spawn(netport_common::admin::serve(
+            listener,
+            Arc::new(admin),
+            shutdown.clone(),
+        ));
+    }
     let mut backoff = Duration::from_millis(200);
     loop {
         for (addr, name) in &config.servers {
             if *shutdown.borrow() {
-                allocations.close_all();
+                allocations.drain(config.shutdown_grace).await;
                 return Ok(());
             }
-            match control::session(
+            let ended = control::session(
                 &config,
                 addr,
                 name,
                 &allocations,
                 &mut closed,
                 &mut shutdown,
+                &stats.registered,
             )
-            .await
-            {
+            .await;
+            stats
+                .registered
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            match ended {
                 Ok(control::End::Shutdown) => {
-                    allocations.close_all();
+                    // Leaving the server first means no new allocation arrives meanwhile.
+                    allocations.drain(config.shutdown_grace).await;
                     return Ok(());
                 }
                 Ok(control::End::Lost(why)) => {

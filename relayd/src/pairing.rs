@@ -40,10 +40,22 @@ pub struct Allocations {
     live: Arc<Mutex<HashMap<u64, Entry>>>,
     closed: mpsc::UnboundedSender<Closed>,
     cursor: Arc<Mutex<u16>>,
+    stats: Arc<crate::observe::Stats>,
+}
+
+impl std::fmt::Debug for Allocations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Allocations")
+            .field("live", &self.live())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Allocations {
-    pub fn new(config: Arc<Config>) -> (Allocations, mpsc::UnboundedReceiver<Closed>) {
+    pub fn new(
+        config: Arc<Config>,
+        stats: Arc<crate::observe::Stats>,
+    ) -> (Allocations, mpsc::UnboundedReceiver<Closed>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let first = config.port_first;
         (
@@ -52,6 +64,7 @@ impl Allocations {
                 live: Arc::default(),
                 closed: tx,
                 cursor: Arc::new(Mutex::new(first)),
+                stats,
             },
             rx,
         )
@@ -94,6 +107,7 @@ impl Allocations {
         let task = tokio::spawn(async move {
             let outcome = pair_and_splice(alloc_id, la, lb, ta, tb, ttl, hello_timeout).await;
             this.lock().remove(&alloc_id);
+            this.stats.closed(&outcome);
             let _ = this.closed.send(outcome);
         });
         self.lock().insert(
@@ -103,6 +117,7 @@ impl Allocations {
                 task: task.abort_handle(),
             },
         );
+        self.stats.opened();
         tracing::info!(
             alloc_id,
             port_a = ports.0,
@@ -166,6 +181,38 @@ impl Allocations {
                 reason: "released".into(),
             });
         }
+    }
+
+    /// Live allocations.
+    pub fn live(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Allocations held at most.
+    pub fn capacity(&self) -> u32 {
+        self.config.capacity
+    }
+
+    /// Graceful shutdown: waits up to `grace` for the live allocations to end by themselves,
+    /// then drops what is left.
+    pub async fn drain(&self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        let live = self.live();
+        if live > 0 {
+            tracing::info!(
+                live,
+                "draining: waiting up to {} s for open allocations",
+                grace.as_secs()
+            );
+        }
+        while self.live() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let left = self.live();
+        if left > 0 {
+            tracing::warn!(left, "grace period over: closing the remaining allocations");
+        }
+        self.close_all();
     }
 
     /// Drops everything (shutdown).

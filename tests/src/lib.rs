@@ -139,6 +139,22 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// Sends SIGTERM (a graceful shutdown).
+    pub fn terminate(&mut self) -> Result<()> {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .context("running kill")?
+            .success();
+        anyhow::ensure!(ok, "kill -TERM {} failed", self.child.id());
+        Ok(())
+    }
+
+    /// The exit status, if the process has ended.
+    pub fn exited(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
     /// Starts the same command again, appending to the same log.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
@@ -243,6 +259,8 @@ pub struct System {
     relay_toml: String,
     layout: Layout,
     revision: std::sync::atomic::AtomicU32,
+    /// Each daemon's admin endpoint (`/metrics`, `/readyz`, `/status`), by daemon name.
+    pub admin: std::collections::HashMap<String, SocketAddr>,
 }
 
 /// How the watched policy directory is kept up to date.
@@ -386,12 +404,20 @@ impl System {
             )
         };
         let mut daemons = Vec::new();
+        let mut admin = std::collections::HashMap::new();
+        let mut admin_for = |name: &str| -> Result<String> {
+            let (port, _) = free_port_range(1)?;
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+            admin.insert(name.to_string(), addr);
+            Ok(format!("admin_listen = \"{addr}\"\n"))
+        };
         let cfg = dir.join("netportd.toml");
         std::fs::write(
             &cfg,
             format!(
-                "listen = [\"{server_addr}\"]\npolicy = \"{}\"\nheartbeat_secs = 2\n{}",
+                "listen = [\"{server_addr}\"]\npolicy = \"{}\"\nheartbeat_secs = 2\naudit_log = \"audit.jsonl\"\n{}{}",
                 policy_dir.display(),
+                admin_for("netportd")?,
                 tls(&server)
             ),
         )?;
@@ -407,18 +433,19 @@ impl System {
             let name = format!("relay-{}", i + 1);
             let relay = pki.issue(Role::Relay, &name)?;
             let cfg = dir.join(format!("{name}.toml"));
-            std::fs::write(
-                &cfg,
-                format!(
-                    "servers = [\"{server_addr}\"]\npublic_address = \"127.0.0.1\"\nbind = \"127.0.0.1\"\nports = \"{first}-{last}\"\n{}",
-                    tls(&relay)
-                ),
-            )?;
             let log_name = if relays == 1 {
                 "relayd".to_string()
             } else {
                 name.clone()
             };
+            std::fs::write(
+                &cfg,
+                format!(
+                    "servers = [\"{server_addr}\"]\npublic_address = \"127.0.0.1\"\nbind = \"127.0.0.1\"\nports = \"{first}-{last}\"\nshutdown_grace_secs = 20\n{}{}",
+                    admin_for(&log_name)?,
+                    tls(&relay)
+                ),
+            )?;
             daemons.push((
                 log_name.clone(),
                 Daemon::start(
@@ -435,7 +462,8 @@ impl System {
                 &cfg,
                 // Short idle timeout, so tests can watch idle links close.
                 format!(
-                    "servers = [\"{server_addr}\"]\nlink_idle_secs = 3\n{}",
+                    "servers = [\"{server_addr}\"]\nlink_idle_secs = 3\nshutdown_grace_secs = 20\n{}{}",
+                    admin_for(&format!("portal-{name}"))?,
                     tls(&cert)
                 ),
             )?;
@@ -456,7 +484,31 @@ impl System {
             relay_toml,
             layout,
             revision: std::sync::atomic::AtomicU32::new(0),
+            admin,
         })
+    }
+
+    /// `GET path` on a daemon's admin endpoint: status code and body.
+    pub async fn admin_get(&self, name: &str, path: &str) -> Result<(u16, String)> {
+        let addr = self
+            .admin
+            .get(name)
+            .with_context(|| format!("no admin endpoint for {name}"))?;
+        netport_common::admin::get(&addr.to_string(), path).await
+    }
+
+    /// A daemon's metrics, parsed.
+    pub async fn metrics(&self, name: &str) -> Result<Metrics> {
+        let (code, body) = self.admin_get(name, "/metrics").await?;
+        if code != 200 {
+            bail!("{name}/metrics answered {code}");
+        }
+        Metrics::parse(&body)
+    }
+
+    /// netportd's audit log.
+    pub fn audit_path(&self) -> PathBuf {
+        self.pki.dir.path().join("audit.jsonl")
     }
 
     /// A daemon by name (`netportd`, `relayd` or `relay-N`, `portal-NAME`).
@@ -638,4 +690,73 @@ pub async fn control_hello(creds: &Credentials, server: SocketAddr) -> Result<Me
         .await?
         .recv(Duration::from_secs(10))
         .await
+}
+
+/// One sample of a metrics scrape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// A parsed OpenMetrics / Prometheus text scrape. Strict: a malformed line is an error.
+#[derive(Debug, Clone)]
+pub struct Metrics(pub Vec<Sample>);
+
+impl Metrics {
+    pub fn parse(text: &str) -> Result<Metrics> {
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = || anyhow::anyhow!("metrics line {}: cannot parse {line:?}", i + 1);
+            let (head, value) = line.rsplit_once(' ').ok_or_else(bad)?;
+            let value: f64 = value.parse().map_err(|_| bad())?;
+            let (name, labels) = match head.split_once('{') {
+                None => (head.to_string(), Vec::new()),
+                Some((name, rest)) => {
+                    let body = rest.strip_suffix('}').ok_or_else(bad)?;
+                    let mut labels = Vec::new();
+                    for pair in body.split("\",").filter(|p| !p.is_empty()) {
+                        let (k, v) = pair.split_once("=\"").ok_or_else(bad)?;
+                        labels.push((k.to_string(), v.trim_end_matches('"').to_string()));
+                    }
+                    (name.to_string(), labels)
+                }
+            };
+            if !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            {
+                return Err(bad());
+            }
+            out.push(Sample {
+                name,
+                labels,
+                value,
+            });
+        }
+        Ok(Metrics(out))
+    }
+
+    /// The value of `name` with every label in `labels` (0 when absent: counters start there).
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .iter()
+            .filter(|s| s.name == name)
+            .filter(|s| {
+                labels
+                    .iter()
+                    .all(|(k, v)| s.labels.iter().any(|(a, b)| a == k && b == v))
+            })
+            .map(|s| s.value)
+            .sum()
+    }
+
+    /// The samples named `name`.
+    pub fn samples(&self, name: &str) -> Vec<&Sample> {
+        self.0.iter().filter(|s| s.name == name).collect()
+    }
 }

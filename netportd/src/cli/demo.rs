@@ -25,6 +25,9 @@ pub struct Args {
     /// The server's control address.
     #[arg(long, default_value = "127.0.0.1:17443")]
     pub listen: SocketAddr,
+    /// The server's admin endpoint (/metrics, /healthz, /readyz, /status).
+    #[arg(long, default_value = "127.0.0.1:17480")]
+    pub admin: SocketAddr,
     /// Prove one round trip through the tunnel, then exit (0 on success).
     #[arg(long)]
     pub once: bool,
@@ -128,14 +131,16 @@ async fn demo(args: Args) -> Result<()> {
     std::fs::write(
         d.join("netportd.toml"),
         format!(
-            "listen = [\"{}\"]\npolicy = \"{}\"\nheartbeat_secs = 5\n{}",
+            "listen = [\"{}\"]\npolicy = \"{}\"\nheartbeat_secs = 5\nadmin_listen = \"{}\"\naudit_log = \"audit.jsonl\"\n{}",
             args.listen,
             std::fs::canonicalize(&args.policy)?.display(),
+            args.admin,
             tls(&server_files)
         ),
     )?;
     let config = server::Config::load(&d.join("netportd.toml"))?;
-    let listeners = server::bind(&config).await?;
+    let obs = server::observe(&config)?;
+    let bound = server::bind(&config).await?;
 
     // The service behind the office portal.
     let target: SocketAddr = service
@@ -161,7 +166,7 @@ async fn demo(args: Args) -> Result<()> {
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server_task = tokio::spawn(server::run(listeners, config, stop_rx));
+    let server_task = tokio::spawn(server::run(bound, config, obs, stop_rx));
 
     let mut children = Children(Vec::new());
     let relay_files = issue(Role::Relay, &relay.name)?;
@@ -234,6 +239,11 @@ async fn demo(args: Args) -> Result<()> {
     );
     println!(
         "\nTry it:  curl http://{listen}/   (goes through the tunnel, TLS end to end through the relay)"
+    );
+    println!(
+        "Watch it: curl http://{}/status   (also /metrics); the audit log is {}",
+        args.admin,
+        d.join("audit.jsonl").display()
     );
     if args.once {
         println!("--once: done.");

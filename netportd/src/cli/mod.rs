@@ -13,6 +13,7 @@ mod demo;
 mod diff;
 mod explain;
 mod run;
+mod status;
 
 /// Exit code: the command did what it was asked and found nothing wrong.
 pub const EXIT_OK: u8 = 0;
@@ -65,6 +66,12 @@ pub enum Command {
     Ca(ca::Args),
     /// Run the server: accept portals and relays, decide link requests by the policy.
     Run(run::Args),
+    /// Show a running server's state from its admin endpoint: policy hash, when it was
+    /// loaded, the last reload error, connected portals and relays.
+    ///
+    /// Exits 0 when the server is ready and its last reload succeeded, 1 otherwise, 2 when
+    /// the endpoint cannot be reached.
+    Status(status::Args),
     /// Start a server, a relay and two portals on loopback with a throwaway PKI and
     /// examples/policies/quickstart, prove a round trip through the tunnel, and keep running.
     Demo(demo::Args),
@@ -98,6 +105,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Diff(args) => diff::run(args, color),
         Command::Run(args) => run::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Status(args) => status::run(args),
         Command::Ca(args) => ca::run(args),
     };
     ExitCode::from(code)

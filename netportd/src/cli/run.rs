@@ -38,8 +38,15 @@ pub fn run(args: Args) -> u8 {
             return EXIT_FAIL;
         }
     };
+    let obs = match server::observe(&config) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return EXIT_USAGE;
+        }
+    };
     rt.block_on(async move {
-        let listeners = match server::bind(&config).await {
+        let bound = match server::bind(&config).await {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -52,7 +59,7 @@ pub fn run(args: Args) -> u8 {
             tracing::info!("shutting down");
             let _ = tx.send(true);
         });
-        match server::run(listeners, config, rx).await {
+        match server::run(bound, config, obs, rx).await {
             Ok(()) => EXIT_OK,
             Err(e) => {
                 tracing::error!("{e:#}");

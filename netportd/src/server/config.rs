@@ -29,6 +29,19 @@ pub struct NetportdToml {
     /// (default 300): a burst of writes becomes one reload.
     #[serde(default = "default_debounce")]
     pub reload_debounce_ms: u64,
+    /// Where to serve `/metrics`, `/healthz`, `/readyz` and `/status` over plain HTTP
+    /// (`ip:port`); off when absent. Bind it to loopback or a management network.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    /// The audit log: JSON lines, one per decision, closed stream, reload and teardown.
+    /// A file path (appended to) or `-` for standard output; off when absent.
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
+    /// Start even when the policy directory is missing or invalid, and wait for a valid
+    /// policy to appear (a git-sync sidecar's first clone) with `/readyz` not ready, rather
+    /// than exit 2 (default false).
+    #[serde(default)]
+    pub wait_for_policy: bool,
     /// Certificates.
     pub tls: netport_common::TlsToml,
 }
@@ -52,8 +65,9 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     /// The policy directory.
     pub policy_dir: PathBuf,
-    /// The policy loaded at start.
-    pub policy: Policy,
+    /// The policy loaded at start; `None` when `wait_for_policy` is set and there was no
+    /// valid one yet.
+    pub policy: Option<Policy>,
     /// Heartbeat interval.
     pub heartbeat: Duration,
     /// Token lifetime.
@@ -62,6 +76,10 @@ pub struct Config {
     pub debounce: Duration,
     /// Server credentials.
     pub credentials: Credentials,
+    /// The admin endpoint's address.
+    pub admin_listen: Option<SocketAddr>,
+    /// The audit log (`-` for standard output).
+    pub audit_log: Option<PathBuf>,
 }
 
 impl Config {
@@ -87,19 +105,26 @@ impl Config {
         }
         let credentials = raw.tls.load(base, Role::Server)?;
         let policy_dir = base.join(&raw.policy);
-        let report = netport_policy::load(&policy_dir).with_context(|| {
-            format!(
-                "`policy`: cannot read the policy directory {}",
-                policy_dir.display()
-            )
-        })?;
-        let Some(policy) = report.policy.clone() else {
+        let audit_log = raw
+            .audit_log
+            .map(|p| if p == Path::new("-") { p } else { base.join(p) });
+        if let Some(p) = &audit_log
+            && p != Path::new("-")
+            && let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.is_dir()
+        {
             bail!(
-                "`policy`: the policy in {} is not valid:\n{}run `netportd check {}` for details",
-                policy_dir.display(),
-                report.render_plain(),
-                policy_dir.display()
+                "`audit_log`: the directory {} does not exist (create it, or use \"-\" for standard output)",
+                dir.display()
             );
+        }
+        let policy = match load_policy(&policy_dir) {
+            Ok(p) => Some(p),
+            Err(e) if raw.wait_for_policy => {
+                tracing::warn!("no valid policy yet, waiting for one (`wait_for_policy`): {e:#}");
+                None
+            }
+            Err(e) => return Err(e),
         };
         Ok(Config {
             listen: raw.listen,
@@ -109,8 +134,29 @@ impl Config {
             token_ttl: Duration::from_secs(raw.token_ttl_secs),
             debounce: Duration::from_millis(raw.reload_debounce_ms),
             credentials,
+            admin_listen: raw.admin_listen,
+            audit_log,
         })
     }
+}
+
+/// Loads and checks the policy directory as `netportd check` does.
+pub fn load_policy(dir: &Path) -> Result<Policy> {
+    let report = netport_policy::load(dir).with_context(|| {
+        format!(
+            "`policy`: cannot read the policy directory {}",
+            dir.display()
+        )
+    })?;
+    let Some(policy) = report.policy.clone() else {
+        bail!(
+            "`policy`: the policy in {} is not valid:\n{}run `netportd check {}` for details",
+            dir.display(),
+            report.render_plain(),
+            dir.display()
+        );
+    };
+    Ok(policy)
 }
 
 #[cfg(test)]

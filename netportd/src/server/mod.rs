@@ -6,6 +6,7 @@
 //! where to meet, with single-use tokens and the exact peer identity to expect.
 
 pub mod config;
+pub mod observe;
 mod reload;
 mod session;
 
@@ -18,11 +19,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use netport_policy::Policy;
 use netport_proto::control::Message;
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+pub use observe::Observe;
 
 /// A connected portal.
 #[derive(Clone)]
@@ -33,6 +36,10 @@ struct PortalHandle {
     spki: [u8; 32],
     /// Cancelled to cut the session off (revocation, removal from the policy).
     cancel: CancellationToken,
+    /// Where the control connection comes from.
+    peer: SocketAddr,
+    /// Unix seconds.
+    connected_at: i64,
 }
 
 /// A link the server set up, kept so reloads can update or close it.
@@ -56,6 +63,8 @@ struct RelayHandle {
     live: usize,
     capacity: u32,
     pending: HashMap<u64, AllocWaiter>,
+    peer: SocketAddr,
+    connected_at: i64,
 }
 
 /// Shared server state.
@@ -64,8 +73,8 @@ pub struct Server {
     portals: Mutex<HashMap<String, PortalHandle>>,
     relays: Mutex<HashMap<String, RelayHandle>>,
     links: Mutex<HashMap<u64, LinkInfo>>,
-    /// Rejected reloads since start.
-    reload_failures: AtomicU64,
+    /// Metrics, status and audit.
+    obs: Arc<Observe>,
     next_id: AtomicU64,
     heartbeat: Duration,
     token_ttl: Duration,
@@ -110,6 +119,10 @@ impl Server {
         };
         let content = netport_policy::input_key(&sources);
         let content = &content[..12];
+        if lock(&self.obs.reload).rejected_content.as_deref() == Some(content) {
+            tracing::debug!(new_content = %content, "the files are still the ones already rejected");
+            return;
+        }
         let report = netport_policy::check(sources);
         let Some(new) = report.policy.clone() else {
             let errors = report.errors().count();
@@ -122,11 +135,34 @@ impl Server {
         };
         if new.hash == old.hash {
             tracing::debug!(policy = %old.short_hash(), "policy files changed, policy did not");
+            self.obs.reload_attempt("unchanged", None);
             return;
         }
         let d = netport_policy::diff(&old, &new);
         let new = Arc::new(new);
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
+        self.obs.reload_attempt("accepted", None);
+        self.obs.policy_loaded(&new.hash);
+        const MAX_LISTED: usize = 200;
+        let list = |g: &[netport_policy::Grant]| {
+            serde_json::to_value(&g[..g.len().min(MAX_LISTED)]).unwrap_or_default()
+        };
+        self.obs.audit(
+            "reload",
+            json!({
+                "result": "accepted",
+                "old_policy": old.hash,
+                "new_policy": new.hash,
+                "grants_added": list(&d.grants_added),
+                "grants_removed": list(&d.grants_removed),
+                "grants_added_count": d.grants_added.len(),
+                "grants_removed_count": d.grants_removed.len(),
+                "relays_added": d.relays_added.iter().map(|r| &r.name).collect::<Vec<_>>(),
+                "relays_removed": d.relays_removed.iter().map(|r| &r.name).collect::<Vec<_>>(),
+                "revoked_added": d.revoked_added,
+                "revoked_removed": d.revoked_removed,
+            }),
+        );
         tracing::info!(
             old = %old.short_hash(),
             new = %new.short_hash(),
@@ -143,7 +179,17 @@ impl Server {
     }
 
     fn failed(&self, old: &Policy, content: &str, why: &str) {
-        let failures = self.reload_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        self.obs.reload_attempt("rejected", Some((content, why)));
+        let failures = self.obs.reload_failures.get();
+        self.obs.audit(
+            "reload",
+            json!({
+                "result": "rejected",
+                "old_policy": old.hash,
+                "new_content": content,
+                "error": why,
+            }),
+        );
         tracing::error!(
             old = %old.short_hash(),
             new_content = %content,
@@ -185,6 +231,17 @@ impl Server {
             match refusal {
                 Some((reason, message)) => {
                     tracing::warn!(portal = %name, reason, "cutting off: {message}");
+                    self.obs.audit(
+                        "teardown",
+                        json!({
+                            "kind": "portal_session",
+                            "portal": name,
+                            "spki_sha256": hex::encode(h.spki),
+                            "reason": reason,
+                            "message": message,
+                            "policy": policy.hash,
+                        }),
+                    );
                     let _ = h.tx.send(Message::Refused {
                         reason: reason.into(),
                         message,
@@ -206,6 +263,15 @@ impl Server {
         for (name, cancel, tx) in relays {
             if policy.relay(&name).is_none() {
                 tracing::warn!(relay = %name, "cutting off: removed from the policy");
+                self.obs.audit(
+                    "teardown",
+                    json!({
+                        "kind": "relay_session",
+                        "relay": name,
+                        "reason": "unknown-relay",
+                        "policy": policy.hash,
+                    }),
+                );
                 let _ = tx.send(Message::Refused {
                     reason: "unknown-relay".into(),
                     message: format!("relay `{name}` was removed from the policy"),
@@ -231,9 +297,42 @@ impl Server {
             };
             if grants.is_empty() {
                 tracing::info!(link_id = id, client = %link.client, serving = %link.serving, "closing a link the policy no longer allows");
+                self.obs.audit(
+                    "teardown",
+                    json!({
+                        "kind": "link",
+                        "link_id": id,
+                        "client": link.client,
+                        "serving": link.serving,
+                        "relay": link.relay,
+                        "reason": "no longer allowed by the policy",
+                        "policy": policy.hash,
+                    }),
+                );
                 self.close_link(id, &link, "no longer allowed by the policy");
             } else if grants != link.grants {
                 tracing::info!(link_id = id, serving = %link.serving, "link grants changed");
+                let kept: Vec<&str> = grants.iter().map(|g| g.service.as_str()).collect();
+                let cut: Vec<&str> = link
+                    .grants
+                    .iter()
+                    .map(|g| g.service.as_str())
+                    .filter(|s| !kept.contains(s))
+                    .collect();
+                if !cut.is_empty() {
+                    self.obs.audit(
+                        "teardown",
+                        json!({
+                            "kind": "streams",
+                            "link_id": id,
+                            "client": link.client,
+                            "serving": link.serving,
+                            "services": cut,
+                            "reason": "no longer granted by the policy",
+                            "policy": policy.hash,
+                        }),
+                    );
+                }
                 if let Some(h) = lock(&self.portals).get(&link.serving) {
                     let _ = h.tx.send(Message::LinkGrants {
                         link_id: id,
@@ -263,42 +362,108 @@ impl Server {
     }
 }
 
-/// Binds every control address of `config` (call after validation, before [`run`]).
-pub async fn bind(config: &Config) -> Result<Vec<TcpListener>> {
-    let mut out = Vec::new();
+/// The sockets netportd serves on, bound before anything else happens.
+#[derive(Debug)]
+pub struct Bound {
+    /// Control listeners.
+    pub control: Vec<TcpListener>,
+    /// The admin endpoint, if configured.
+    pub admin: Option<TcpListener>,
+}
+
+/// Binds every address of `config` (call after validation, before [`run`]).
+pub async fn bind(config: &Config) -> Result<Bound> {
+    let mut control = Vec::new();
     for addr in &config.listen {
-        out.push(
+        control.push(
             TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr} (`listen` in netportd.toml)"))?,
         );
     }
-    Ok(out)
+    let admin = match config.admin_listen {
+        Some(a) => Some(netport_common::admin::bind(a).await?),
+        None => None,
+    };
+    Ok(Bound { control, admin })
 }
 
-/// Serves the control plane on `listeners` until `shutdown` turns true.
+/// Metrics, status and the audit log for `config` (opens the audit file).
+pub fn observe(config: &Config) -> Result<Arc<Observe>> {
+    Ok(Arc::new(Observe::new(
+        &config.credentials,
+        config.audit_log.as_deref(),
+    )?))
+}
+
+/// Waits until the policy directory holds a valid policy (`wait_for_policy`), polling it;
+/// `None` if `shutdown` comes first.
+async fn wait_for_policy(
+    dir: &std::path::Path,
+    obs: &Observe,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Policy> {
+    let mut last = String::new();
+    loop {
+        match config::load_policy(dir) {
+            Ok(p) => return Some(p),
+            Err(e) => {
+                let why = format!("{e:#}");
+                if why != last {
+                    tracing::warn!("waiting for a valid policy: {why}");
+                    *lock(&obs.waiting) = Some(why.clone());
+                    last = why;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => if *shutdown.borrow() { return None; },
+        }
+    }
+}
+
+/// Serves the control plane on `bound` until `shutdown` turns true.
 pub async fn run(
-    listeners: Vec<TcpListener>,
+    bound: Bound,
     config: Config,
+    obs: Arc<Observe>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(admin) = bound.admin {
+        tracing::info!(admin = ?admin.local_addr().ok(), "admin endpoint: /metrics /healthz /readyz /status");
+        tasks.spawn(netport_common::admin::serve(
+            admin,
+            Arc::new(observe::Admin(obs.clone())),
+            shutdown.clone(),
+        ));
+    }
+    let policy = match config.policy.clone() {
+        Some(p) => p,
+        None => match wait_for_policy(&config.policy_dir, &obs, &mut shutdown).await {
+            Some(p) => p,
+            None => return Ok(()),
+        },
+    };
+    obs.policy_loaded(&policy.hash);
     let server = Arc::new(Server {
-        policy: RwLock::new(Arc::new(config.policy.clone())),
+        policy: RwLock::new(Arc::new(policy)),
         portals: Mutex::default(),
         relays: Mutex::default(),
         links: Mutex::default(),
-        reload_failures: AtomicU64::new(0),
+        obs: obs.clone(),
         next_id: AtomicU64::new(1),
         heartbeat: config.heartbeat,
         token_ttl: config.token_ttl,
         tls: Arc::new(config.credentials.control_server()?),
     });
+    let listeners = bound.control;
     tracing::info!(
         policy = %server.policy().short_hash(),
         listen = ?listeners.iter().filter_map(|l| l.local_addr().ok()).collect::<Vec<SocketAddr>>(),
         "netportd serving"
     );
-    let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(reload::watch(
         server.clone(),
         config.policy_dir.clone(),
@@ -326,11 +491,14 @@ pub async fn run(
             }
         });
     }
+    obs.serving(&server);
     while !*shutdown.borrow() {
         if shutdown.changed().await.is_err() {
             break;
         }
     }
+    // Links are data plane: they live on in the relays and portals, which reconnect to
+    // another server address (or to this one once it is back).
     tasks.abort_all();
     tracing::info!("netportd stopped");
     Ok(())

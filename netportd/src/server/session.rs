@@ -12,6 +12,7 @@ use netport_proto::control::{
 };
 use netport_proto::identity::{CertInfo, Role};
 use netport_proto::relay::token_to_hex;
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -242,6 +243,8 @@ async fn portal_session(
         tx: tx.clone(),
         spki: info.spki_sha256,
         cancel: cancel.clone(),
+        peer,
+        connected_at: netport_common::admin::unix_now(),
     };
     if let Some(old) = lock(&server.portals).insert(name.clone(), handle) {
         // A portal reconnecting replaces its old session.
@@ -259,7 +262,12 @@ async fn portal_session(
                 let tx = tx.clone();
                 let key = info.spki_sha256;
                 tokio::spawn(async move {
-                    let answer = open_link(&server, &name, &key, request_id, &access).await;
+                    let who = Requester {
+                        name: &name,
+                        key: &key,
+                        source: peer,
+                    };
+                    let answer = open_link(&server, &who, request_id, &access).await;
                     if let Err(denied) = answer {
                         if let Message::LinkDenied {
                             reason,
@@ -275,6 +283,27 @@ async fn portal_session(
                                 rule = rule.as_deref().unwrap_or("-"),
                                 "link denied: {message}"
                             );
+                            server
+                                .obs
+                                .denies
+                                .get_or_create(&super::observe::ReasonLabel {
+                                    reason: reason.clone(),
+                                })
+                                .inc();
+                            server.obs.audit(
+                                "decision",
+                                json!({
+                                    "verdict": "deny",
+                                    "reason": reason,
+                                    "rule": rule,
+                                    "message": message,
+                                    "portal": name,
+                                    "spki_sha256": hex::encode(key),
+                                    "source": peer.to_string(),
+                                    "access": access,
+                                    "policy": server.policy().hash,
+                                }),
+                            );
                         }
                         let _ = tx.send(denied);
                     }
@@ -282,6 +311,41 @@ async fn portal_session(
             }
             Ok(Some(Message::LinkClosed { link_id, reason })) => {
                 tracing::debug!(portal = %name, link_id, %reason, "link closed");
+            }
+            Ok(Some(Message::StreamClosed {
+                link_id,
+                access,
+                service,
+                source,
+                bytes_to_service,
+                bytes_from_service,
+                duration_ms,
+            })) => {
+                let obs = &server.obs;
+                obs.streams_closed.inc();
+                for (direction, n) in [
+                    ("to_service", bytes_to_service),
+                    ("from_service", bytes_from_service),
+                ] {
+                    obs.stream_bytes
+                        .get_or_create(&super::observe::DirectionLabel {
+                            direction: direction.into(),
+                        })
+                        .inc_by(n);
+                }
+                obs.audit(
+                    "stream_closed",
+                    json!({
+                        "portal": name,
+                        "link_id": link_id,
+                        "access": access,
+                        "service": service,
+                        "source": source,
+                        "bytes_to_service": bytes_to_service,
+                        "bytes_from_service": bytes_from_service,
+                        "duration_ms": duration_ms,
+                    }),
+                );
             }
             Ok(Some(Message::Heartbeat { .. })) => {}
             Ok(Some(other)) => tracing::debug!(portal = %name, kind = other.kind(), "ignored"),
@@ -318,14 +382,22 @@ pub(super) fn link_grants(
         .collect()
 }
 
-/// Sets up a link for `client` through `access`; on refusal returns the `LinkDenied` to send.
+/// Who asks for a link.
+struct Requester<'a> {
+    name: &'a str,
+    key: &'a [u8; 32],
+    /// Its control connection's address.
+    source: SocketAddr,
+}
+
+/// Sets up a link for `who` through `access`; on refusal returns the `LinkDenied` to send.
 async fn open_link(
     server: &Server,
-    client: &str,
-    key: &[u8; 32],
+    who: &Requester<'_>,
     request_id: u64,
     access: &str,
 ) -> std::result::Result<(), Message> {
+    let (client, key) = (who.name, who.key);
     let deny = |reason: &str, rule: Option<String>, message: String| Message::LinkDenied {
         request_id,
         reason: reason.into(),
@@ -365,21 +437,7 @@ async fn open_link(
             )
         })?;
     // Everything the client may reach on the serving portal rides the same link.
-    let grants: Vec<LinkGrant> = policy
-        .services
-        .iter()
-        .filter(|s| s.portal == serving)
-        .filter(|s| {
-            policy
-                .decide(&Request::new(client, &s.name).with_key(key))
-                .is_ok()
-        })
-        .map(|s| LinkGrant {
-            service: s.name.clone(),
-            target: s.target.clone(),
-            transport: transport(s.protocol),
-        })
-        .collect();
+    let grants = link_grants(&policy, client, &serving, key);
     // The rule's relays, the least loaded connected one first.
     let (relay_name, relay_tx, alloc_id, rx) = {
         let mut relays = lock(&server.relays);
@@ -477,6 +535,25 @@ async fn open_link(
         });
     }
     tracing::info!(client, serving = %serving, rule = %permit.rule.name, relay = %relay_name, link_id = alloc_id, "link allocated");
+    server.obs.links_opened.inc();
+    server.obs.audit(
+        "decision",
+        json!({
+            "verdict": "allow",
+            "rule": permit.rule.name,
+            "portal": client,
+            "spki_sha256": hex::encode(key),
+            "source": who.source.to_string(),
+            "access": access,
+            "listen": permit.rule.listen,
+            "service": service.name,
+            "serving_portal": serving,
+            "target": service.target,
+            "relay": relay_name,
+            "link_id": alloc_id,
+            "policy": policy.hash,
+        }),
+    );
     Ok(())
 }
 
@@ -519,6 +596,8 @@ async fn relay_session(
             live: 0,
             capacity,
             pending: Default::default(),
+            peer,
+            connected_at: netport_common::admin::unix_now(),
         },
     );
     if let Some(old) = previous {
