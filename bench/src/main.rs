@@ -18,6 +18,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod generate;
 mod policy;
+mod reload;
 mod rng;
 mod tunnel;
 
@@ -44,6 +45,9 @@ enum Command {
     },
     /// Generate a policy into a temporary directory and time check, explain and decide.
     Policy(policy::Args),
+    /// Time the GitOps loop: a git-sync style symlink flip to the new policy being active,
+    /// and a revocation to the end of the revoked portal's links.
+    Reload(reload::Args),
     /// Measure Netport's tunnel against direct TCP, ssh -L, a stunnel chain and rathole, on
     /// 127.0.0.1: throughput, latency, new connections per second, memory.
     Tunnel(tunnel::Args),
@@ -136,5 +140,6 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Policy(args) => policy::run(args),
         Command::Tunnel(args) => tunnel::run(args),
+        Command::Reload(args) => reload::run(args),
     }
 }

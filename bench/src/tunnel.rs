@@ -99,7 +99,7 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// The directory holding the release netportd, relayd and portal.
-fn netport_bin_dir(given: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn netport_bin_dir(given: Option<&Path>) -> Result<PathBuf> {
     let dir = match given {
         Some(d) => d.to_path_buf(),
         None => {
@@ -136,14 +136,14 @@ fn netport_bin_dir(given: Option<&Path>) -> Result<PathBuf> {
 
 /// A child process, killed (with its descendants) when dropped. Its stdout and stderr go to
 /// a log file.
-struct Proc {
+pub(crate) struct Proc {
     name: String,
     child: Child,
     log: PathBuf,
 }
 
 impl Proc {
-    fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
+    pub(crate) fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
         let err = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let out = err.try_clone()?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
@@ -162,7 +162,7 @@ impl Proc {
     }
 
     /// Fails, with the end of its log, if the process has exited.
-    fn check_alive(&mut self) -> Result<()> {
+    pub(crate) fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!(
                 "{} exited ({status}); end of {}:\n{}",
@@ -193,7 +193,7 @@ impl Drop for Proc {
     }
 }
 
-fn log_tail(path: &Path, lines: usize) -> String {
+pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -297,7 +297,7 @@ fn version_of(bin: &Path, arg: &str, needle: &str) -> String {
 static NEXT_PORT: Mutex<u16> = Mutex::new(0);
 
 /// `n` contiguous loopback ports that were free a moment ago; never the same twice in a run.
-fn free_ports(n: u16) -> Result<u16> {
+pub(crate) fn free_ports(n: u16) -> Result<u16> {
     const LOW: u16 = 20_000;
     const HIGH: u16 = 32_000;
     let mut next = NEXT_PORT.lock().unwrap_or_else(|p| p.into_inner());
@@ -320,7 +320,7 @@ fn free_ports(n: u16) -> Result<u16> {
     bail!("no {n} free contiguous loopback ports in {LOW}-{HIGH}")
 }
 
-fn local(port: u16) -> SocketAddr {
+pub(crate) fn local(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
 }
 
@@ -328,7 +328,7 @@ fn local(port: u16) -> SocketAddr {
 // The service
 
 /// Starts the echo/sink service on a free port.
-async fn start_service() -> Result<SocketAddr> {
+pub(crate) async fn start_service() -> Result<SocketAddr> {
     let port = free_ports(1)?;
     let l = tokio::net::TcpListener::bind(local(port)).await?;
     let addr = l.local_addr()?;
@@ -369,7 +369,7 @@ async fn serve(mut s: TcpStream) -> std::io::Result<()> {
 }
 
 /// One echoed byte through `addr`, within `within`.
-async fn echo_once(addr: SocketAddr, within: Duration) -> Result<TcpStream> {
+pub(crate) async fn echo_once(addr: SocketAddr, within: Duration) -> Result<TcpStream> {
     tokio::time::timeout(within, async {
         let mut s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
@@ -384,7 +384,11 @@ async fn echo_once(addr: SocketAddr, within: Duration) -> Result<TcpStream> {
 }
 
 /// Waits until a round trip through `addr` works, failing early if a process exits.
-async fn wait_echo(addr: SocketAddr, within: Duration, procs: &mut [Proc]) -> Result<()> {
+pub(crate) async fn wait_echo(
+    addr: SocketAddr,
+    within: Duration,
+    procs: &mut [Proc],
+) -> Result<()> {
     let deadline = Instant::now() + within;
     let mut last = anyhow!("never tried");
     while Instant::now() < deadline {
@@ -480,14 +484,14 @@ const RATHOLE_TLS: &str = "rathole (TLS)";
 const RATHOLE_TCP: &str = "rathole (no encryption)";
 
 /// A throwaway CA, with certificates written into `dir`.
-struct Certs {
+pub(crate) struct Certs {
     ca: Ca,
-    ca_path: PathBuf,
+    pub(crate) ca_path: PathBuf,
     dir: PathBuf,
 }
 
 impl Certs {
-    fn new(dir: &Path) -> Result<Certs> {
+    pub(crate) fn new(dir: &Path) -> Result<Certs> {
         std::fs::create_dir_all(dir)?;
         let ca = Ca::generate(2)?;
         let ca_path = dir.join("ca.crt");
@@ -500,7 +504,7 @@ impl Certs {
     }
 
     /// Issues `name`; servers get 127.0.0.1 and localhost. Returns (chain, leaf, key) paths.
-    fn issue(&self, role: Role, name: &str) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    pub(crate) fn issue(&self, role: Role, name: &str) -> Result<(PathBuf, PathBuf, PathBuf)> {
         let mut req = IssueRequest::new(role, name, 2);
         if role == Role::Server {
             req.ips = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
@@ -518,7 +522,7 @@ impl Certs {
     }
 }
 
-fn path_str(p: &Path) -> Result<&str> {
+pub(crate) fn path_str(p: &Path) -> Result<&str> {
     p.to_str().context("non-UTF-8 temporary path")
 }
 
