@@ -279,3 +279,34 @@ async fn a_256_mib_transfer_survives_20_reloads() -> Result<()> {
     ensure!(st["reload"]["failures"] == 0, "{st}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_written_next_to_the_policy_do_not_hold_off_a_reload() -> Result<()> {
+    let target = echo_service().await?.to_string();
+    let (port, _) = free_port_range(1)?;
+    let sys = System::start(&policy(&target, port, ""), &["alice", "nas"])?;
+    sys.wait_ready().await?;
+    // A log written next to the policy directory every 20 ms: quieter than the debounce
+    // never, so if it counted as a policy change no reload would ever settle.
+    let noise = sys.policy_dir().with_file_name("noise.log");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let writer = tokio::spawn(async move {
+        let mut n = 0u64;
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            n += 1;
+            std::fs::write(&noise, format!("line {n}\n"))?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    sys.set_policy(&policy(&target, port, "[[portal]]\nname = \"carol\"\n"))?;
+    let want = checkout_hash(&sys)?;
+    let got = status_until(&sys, "the reload despite the noise", |s| {
+        s["policy"]["hash"] == want.as_str()
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await??;
+    got.map(|_| ())
+}

@@ -25,12 +25,19 @@ pub async fn watch(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let parent = parent_of(&dir);
+    let name = dir.file_name().map(|n| n.to_os_string());
     let handler = {
         let tx = tx.clone();
         move |res: notify::Result<notify::Event>| {
             // Reading the files (our own reloads) produces access events: only changes count.
+            // In the parent directory only the policy entry itself counts: logs, the audit
+            // log or other files living next to it must not hold off a reload.
             if let Ok(ev) = res
                 && !matches!(ev.kind, notify::EventKind::Access(_))
+                && ev.paths.iter().any(|p| {
+                    p.parent() != Some(parent.as_path()) || p.file_name() == name.as_deref()
+                })
             {
                 let _ = tx.send(());
             }
@@ -85,12 +92,7 @@ fn rewatch(
     watched: &mut Vec<PathBuf>,
 ) {
     let Some(w) = watcher.as_mut() else { return };
-    let mut want = Vec::new();
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        want.push((parent.to_path_buf(), RecursiveMode::NonRecursive));
-    } else {
-        want.push((PathBuf::from("."), RecursiveMode::NonRecursive));
-    }
+    let mut want = vec![(parent_of(dir), RecursiveMode::NonRecursive)];
     if let Ok(target) = std::fs::canonicalize(dir) {
         want.push((target, RecursiveMode::Recursive));
     }
@@ -107,4 +109,11 @@ fn rewatch(
             Err(e) => tracing::warn!(path = %p.display(), "cannot watch: {e}"),
         }
     }
+}
+
+/// The directory holding `dir` (`.` for a bare relative name).
+fn parent_of(dir: &Path) -> PathBuf {
+    dir.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
