@@ -62,7 +62,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${pip_pkgs[*]}" ]; then
 fi
 export PATH="$venv/bin:$PATH"
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/netport-deploy-check.XXXXXX")
+# Under target/, beside the binaries, so that installing them is a hard link, not a copy.
+mkdir -p target
+work=$(mktemp -d "$PWD/target/deploy-check.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 # ---- systemd -----------------------------------------------------------------------------
