@@ -48,8 +48,9 @@ apt_install() {
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 command -v systemd-analyze >/dev/null || apt_install systemd
-python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null ||
+if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
   apt_install python3-venv
+fi
 
 venv=${XDG_CACHE_HOME:-$HOME/.cache}/netport-deploy-check/venv
 stamp="$venv/.installed"
@@ -70,6 +71,9 @@ trap 'rm -rf "$work"' EXIT
 # ---- systemd -----------------------------------------------------------------------------
 echo "== systemd units (deploy/systemd)"
 units=(deploy/systemd/*.service)
+for d in "${daemons[@]}"; do
+  [ -f "deploy/systemd/$d.service" ] || fail "deploy/systemd/$d.service is missing"
+done
 root=$work/root
 mkdir -p "$root/usr/lib/systemd" "$root/etc/systemd/system" "$root/usr/local/bin"
 # The stock units (multi-user.target, sysinit.target, ...) the verifier follows.
@@ -78,7 +82,7 @@ cp "${units[@]}" "$root/etc/systemd/system/"
 # Every program an Exec*= line names must exist in the root: the built daemons at
 # /usr/local/bin, anything else (kill) copied from this machine.
 missing_bin=0
-for prog in $(sed -n 's/^Exec[A-Za-z]*=[-@:+!]*\([^ ]*\).*/\1/p' "${units[@]}" | sort -u); do
+while read -r prog; do
   name=${prog##*/}
   mkdir -p "$root${prog%/*}"
   if [ "${prog%/*}" = /usr/local/bin ]; then
@@ -88,11 +92,12 @@ for prog in $(sed -n 's/^Exec[A-Za-z]*=[-@:+!]*\([^ ]*\).*/\1/p' "${units[@]}" |
       continue
     fi
     ln -f "$bin_dir/$name" "$root$prog" 2>/dev/null || cp "$bin_dir/$name" "$root$prog"
-    check "$prog (from $bin_dir) runs: $("$root$prog" --version 2>&1 | head -n1)" "$root$prog" --version
+    check "$prog (from $bin_dir) runs: $("$root$prog" --version 2>&1 </dev/null | head -n1)" \
+      "$root$prog" --version </dev/null
   elif [ -e "$prog" ]; then
     cp -L "$prog" "$root$prog"
   fi
-done
+done < <(sed -n 's/^Exec[A-Za-z]*=[-@:+!]*\([^ ]*\).*/\1/p' "${units[@]}" | sort -u)
 unit_names=()
 for u in "${units[@]}"; do unit_names+=("${u##*/}"); done
 # verify exits 0 on unknown keys and unparsable values (it only warns), so any output fails.
