@@ -50,11 +50,12 @@ apt_install() {
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 command -v systemd-analyze >/dev/null || apt_install systemd
+command -v python3 >/dev/null || apt_install python3 python3-venv
 if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
   apt_install python3-venv
 fi
 
-venv=${XDG_CACHE_HOME:-$HOME/.cache}/netport-deploy-check/venv
+venv=${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/netport-deploy-check/venv
 stamp="$venv/.installed"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${pip_pkgs[*]}" ]; then
   echo "== installing ${pip_pkgs[*]} into $venv"
