@@ -6,8 +6,9 @@
 #   Kubernetes         kubernetes-validate --strict against the bundled Kubernetes schemas;
 #                      the ServiceMonitor (a CRD) against the Service it selects; the daemon
 #                      configurations embedded in ConfigMaps against examples/config/; a
-#                      rehearsal of netportd with the ConfigMap's configuration and git-sync-
-#                      style symlink flips (readiness before and after, a broken commit refused)
+#                      rehearsal of netportd and the portal with their ConfigMaps' configurations
+#                      and git-sync-style symlink flips (readiness before and after the first
+#                      sync, a broken commit refused, the portal connected, SIGTERM)
 #   Containerfile      hadolint
 #   CI for users       the GitHub Actions workflow against its schema (check-jsonschema), the
 #                      pre-commit manifest and example config (pre-commit validate-*)
@@ -202,123 +203,156 @@ print("\n".join(errors))
 sys.exit(1 if errors else 0)
 EOF
 
-echo "== rehearsal: netportd as deploy/kubernetes/netportd.yaml runs it, with git-sync's symlink flips"
-check "the ConfigMap's netportd.toml, paths mapped from the pod's mounts: not ready until the first sync, ready after it, a broken commit refused, SIGTERM exits 0" \
-  python3 - deploy/kubernetes/netportd.yaml "$bin_dir/netportd" examples/policies/quickstart "$work/rehearsal" <<'EOF'
+echo "== rehearsal: netportd and a portal as deploy/kubernetes/ runs them, with git-sync's symlink flips"
+check "the ConfigMaps' configurations, paths mapped from the pods' mounts: netportd not ready until the first sync, ready after it, a broken commit refused; the portal ready once connected; SIGTERM exits 0" \
+  python3 - deploy/kubernetes/netportd.yaml deploy/kubernetes/portal.yaml "$bin_dir" \
+  examples/policies/quickstart "$work/rehearsal" <<'EOF'
 import json, os, pathlib, shutil, signal, socket, subprocess, sys, time, urllib.error, urllib.request
 import yaml
 
-manifest, netportd, good_policy, tmp = sys.argv[1:5]
+netportd_yaml, portal_yaml, bin_dir, good_policy, tmp = sys.argv[1:6]
 tmp = pathlib.Path(tmp)
-docs = [d for d in yaml.safe_load_all(open(manifest)) if d]
-conf = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["netportd.toml"]
-pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
-main = next(c for c in pod["containers"] if c["name"] == "netportd")
-sync = next(c for c in pod["containers"] if c["name"] == "git-sync")
+netportd = os.path.join(bin_dir, "netportd")
+procs = []
 
 def fail(msg):
     print(msg)
+    for p, _, log in procs:
+        print(f"--- {log}:\n{log.read_text()}")
     sys.exit(1)
-
-# What the manifest promises must hold together: the policy path is git-sync's link, and the
-# probes' named port is the one admin_listen binds.
-env = {e["name"]: e["value"] for e in sync["env"]}
-link = os.path.join(env["GITSYNC_ROOT"], env["GITSYNC_LINK"])
-if f'policy = "{link}"' not in conf:
-    fail(f"netportd.toml's policy is not git-sync's link {link}")
-ports = {p["name"]: p["containerPort"] for p in main["ports"]}
-for probe in ("readinessProbe", "livenessProbe"):
-    port = ports[main[probe]["httpGet"]["port"]]
-    if f'admin_listen = "0.0.0.0:{port}"' not in conf:
-        fail(f"{probe} goes to port {port}, but admin_listen does not bind 0.0.0.0:{port}")
-if f'"0.0.0.0:{ports["control"]}"' not in conf:
-    fail(f"listen does not bind the control port {ports['control']}")
-
-# Each mounted directory becomes a directory here; the configuration's paths follow.
-mounts = {}
-for m in main["volumeMounts"]:
-    if "subPath" not in m:
-        mounts[m["mountPath"]] = tmp / m["name"]
-        (tmp / m["name"]).mkdir(parents=True, exist_ok=True)
-for mount_path, here in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
-    conf = conf.replace(mount_path + "/", f"{here}/").replace(f'"{mount_path}"', f'"{here}"')
 
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-admin = free_port()
-conf = conf.replace(f"0.0.0.0:{ports['control']}", f"127.0.0.1:{free_port()}")
-conf = conf.replace(f"0.0.0.0:{ports['admin']}", f"127.0.0.1:{admin}")
-(tmp / "netportd.toml").write_text(conf)
+class Pod:
+    """A Deployment's main container, with its volumes as directories under tmp/NAME and
+    its ConfigMap's configuration rewritten to use them."""
 
-# The Secret's keys, from a CA made here.
-pki = tmp / "pki"
-for args in (["init"], ["issue", "server", "netportd", "--dns", "localhost"]):
-    subprocess.run([netportd, "ca", *args[:1], "--dir", str(pki), *args[1:]], check=True,
-                   capture_output=True)
-tls = mounts["/etc/netport/pki"]
-shutil.copy(pki / "ca.crt", tls / "ca.crt")
-shutil.copy(pki / "server-netportd.crt", tls / "tls.crt")
-shutil.copy(pki / "server-netportd.key", tls / "tls.key")
+    def __init__(self, path, container, config):
+        docs = [d for d in yaml.safe_load_all(open(path)) if d]
+        self.conf = self.raw = next(d for d in docs if d["kind"] == "ConfigMap")["data"][config]
+        spec = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+        self.containers = {c["name"]: c for c in spec["containers"]}
+        self.main = self.containers[container]
+        self.dir = tmp / container
+        self.ports = {p["name"]: p["containerPort"] for p in self.main["ports"]}
+        # The probes' named port is the one admin_listen binds, on every address.
+        for probe in ("readinessProbe", "livenessProbe"):
+            port = self.ports[self.main[probe]["httpGet"]["port"]]
+            if f'admin_listen = "0.0.0.0:{port}"' not in self.conf:
+                fail(f"{path}: the {probe} goes to port {port}, but admin_listen does not "
+                     f"bind 0.0.0.0:{port}")
+        self.mounts = {}
+        for m in self.main["volumeMounts"]:
+            if "subPath" not in m:
+                self.mounts[m["mountPath"]] = self.dir / m["name"]
+                (self.dir / m["name"]).mkdir(parents=True, exist_ok=True)
+        for mount, here in sorted(self.mounts.items(), key=lambda kv: -len(kv[0])):
+            self.conf = self.conf.replace(mount + "/", f"{here}/")
+            self.conf = self.conf.replace(f'"{mount}"', f'"{here}"')
+        self.admin = free_port()
+        self.conf = self.conf.replace(f"0.0.0.0:{self.ports['admin']}", f"127.0.0.1:{self.admin}")
 
-def get(path):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}{path}", timeout=2) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except OSError:
-        return None, b""
+    def tls(self, role, name, **issue):
+        args = [netportd, "ca", "issue", "--dir", str(tmp / "pki"), role, name]
+        for flag, value in issue.items():
+            args += [f"--{flag}", value]
+        subprocess.run(args, check=True, capture_output=True)
+        dest = self.mounts["/etc/netport/pki"]
+        shutil.copy(tmp / "pki" / "ca.crt", dest / "ca.crt")
+        shutil.copy(tmp / "pki" / f"{role}-{name}.crt", dest / "tls.crt")
+        shutil.copy(tmp / "pki" / f"{role}-{name}.key", dest / "tls.key")
+
+    def start(self, stdout=subprocess.DEVNULL):
+        (self.dir / "config.toml").write_text(self.conf)
+        cmd = self.main["command"] + [
+            str(self.dir / "config.toml") if a.startswith("/etc/netport/") else a
+            for a in self.main["args"]
+        ]
+        cmd[0] = os.path.join(bin_dir, os.path.basename(cmd[0]))
+        log = self.dir / "stderr.log"
+        self.proc = subprocess.Popen(cmd, stdout=stdout, stderr=open(log, "w"))
+        procs.append((self.proc, self, log))
+
+    def get(self, path):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}{path}", timeout=2) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except OSError:
+            return None, b""
 
 def wait_for(what, cond, secs=30):
     deadline = time.monotonic() + secs
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            fail(f"netportd exited ({proc.returncode}) while waiting until {what}:\n"
-                 + (tmp / "netportd.log").read_text())
+        for p, _, log in procs:
+            if p.poll() is not None:
+                fail(f"{log.parent.name} exited ({p.returncode}) while waiting until {what}")
         if cond():
             return
         time.sleep(0.1)
-    fail(f"timed out waiting until {what}:\n" + (tmp / "netportd.log").read_text())
+    fail(f"timed out waiting until {what}")
 
-sync_root = mounts[env["GITSYNC_ROOT"]]
+subprocess.run([netportd, "ca", "init", "--dir", str(tmp / "pki")], check=True, capture_output=True)
+
+server = Pod(netportd_yaml, "netportd", "netportd.toml")
+sync = {e["name"]: e["value"] for e in server.containers["git-sync"]["env"]}
+link = os.path.join(sync["GITSYNC_ROOT"], sync["GITSYNC_LINK"])
+if f'policy = "{link}"' not in server.raw:
+    fail(f"netportd.toml's policy is not git-sync's link {link}")
+control = free_port()
+server.conf = server.conf.replace(f"0.0.0.0:{server.ports['control']}", f"127.0.0.1:{control}")
+server.tls("server", "netportd", dns="netportd.example.net")
+sync_root = server.mounts[sync["GITSYNC_ROOT"]]
+
 def git_sync_flip(rev, source):
     # As git-sync v4 does: a worktree per commit, then a new symlink renamed over the link.
     shutil.copytree(source, sync_root / ".worktrees" / rev)
     os.symlink(f".worktrees/{rev}", sync_root / "current.tmp")
-    os.replace(sync_root / "current.tmp", sync_root / env["GITSYNC_LINK"])
+    os.replace(sync_root / "current.tmp", sync_root / sync["GITSYNC_LINK"])
 
-with open(tmp / "netportd.log", "w") as log, open(tmp / "audit.jsonl", "w") as audit:
-    proc = subprocess.Popen([netportd, "run", "--config", str(tmp / "netportd.toml")],
-                            stdout=audit, stderr=log)
-    try:
-        wait_for("/healthz answers 200", lambda: get("/healthz")[0] == 200)
-        if get("/readyz")[0] != 503:
-            fail(f"/readyz is {get('/readyz')[0]} before the first sync, not 503")
-        git_sync_flip("1111111", good_policy)
-        wait_for("/readyz answers 200 after the first sync", lambda: get("/readyz")[0] == 200)
-        broken = tmp / "broken"
-        shutil.copytree(good_policy, broken)
-        with open(next(broken.glob("*.toml")), "a") as f:
-            f.write("\n[[portal]]\nname = 'Not A Valid Name'\n")
-        git_sync_flip("2222222", broken)
-        wait_for("/status shows the broken commit refused",
-                 lambda: (json.loads(get("/status")[1] or b"{}").get("reload") or {}).get("last_error"))
-        if get("/readyz")[0] != 200:
-            fail("/readyz is not 200 while the previous policy stays in force")
-    finally:
-        proc.send_signal(signal.SIGTERM)
+portal = Pod(portal_yaml, "portal", "portal.toml")
+portal.conf = portal.conf.replace("netportd.netport.svc.cluster.local:7443", f"127.0.0.1:{control}")
+portal.tls("portal", "office")  # a portal of the quickstart policy
+
+audit = tmp / "netportd" / "audit.jsonl"
+with open(audit, "w") as out:
+    server.start(stdout=out)
+try:
+    wait_for("netportd's /healthz answers 200", lambda: server.get("/healthz")[0] == 200)
+    if server.get("/readyz")[0] != 503:
+        fail(f"netportd's /readyz is {server.get('/readyz')[0]} before the first sync, not 503")
+    git_sync_flip("1111111", good_policy)
+    wait_for("netportd's /readyz answers 200 after the first sync",
+             lambda: server.get("/readyz")[0] == 200)
+    portal.start()
+    wait_for("the portal's /readyz answers 200", lambda: portal.get("/readyz")[0] == 200)
+    broken = tmp / "broken"
+    shutil.copytree(good_policy, broken)
+    with open(sorted(broken.glob("*.toml"))[0], "a") as f:
+        f.write("\n[[portal]]\nname = 'Not A Valid Name'\n")
+    git_sync_flip("2222222", broken)
+    wait_for("netportd's /status shows the broken commit refused", lambda: (
+        json.loads(server.get("/status")[1] or b"{}").get("reload") or {}).get("last_error"))
+    if server.get("/readyz")[0] != 200:
+        fail("netportd's /readyz is not 200 while the previous policy stays in force")
+finally:
+    codes = {}
+    for p, pod, _ in reversed(procs):
+        p.send_signal(signal.SIGTERM)
         try:
-            code = proc.wait(timeout=20)
+            codes[pod.dir.name] = p.wait(timeout=40)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            fail("netportd did not exit within 20 s of SIGTERM")
+            p.kill()
+            codes[pod.dir.name] = "no exit within 40 s"
+for name, code in codes.items():
     if code != 0:
-        fail(f"netportd exited {code} on SIGTERM")
-    if '"event":"reload"' not in (tmp / "audit.jsonl").read_text():
-        fail("no reload event in the audit log (standard output)")
+        fail(f"{name} on SIGTERM: {code}")
+if '"event":"reload"' not in audit.read_text():
+    fail("no reload event in netportd's audit log (standard output)")
 EOF
 
 # ---- container ---------------------------------------------------------------------------
