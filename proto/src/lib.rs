@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod identity;
+pub mod legacy;
 pub mod relay;
 pub mod tls;
 

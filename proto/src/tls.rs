@@ -19,6 +19,8 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 
 use crate::identity::{self, CertInfo, Identity};
 
+pub mod legacy;
+
 /// ALPN of links between portals.
 pub const LINK_ALPN: &[u8] = b"netport-link/1";
 

@@ -1,0 +1,308 @@
+//! TLS settings for the legacy (V0.1) protocol: TLS 1.2 or 1.3, no ALPN.
+//!
+//! A legacy portal's certificate names it with the DNS SAN `ID|IDV|USER|USERV`, which is not
+//! a valid DNS name: rustls refuses it as a [`ServerName`], so the client side of a link to a
+//! legacy portal uses [`LegacyPeerVerifier`], which checks the chain against the Netport CA
+//! exactly as the default verifier does and then compares that one SAN byte for byte. The
+//! serving side accepts any client certificate of the CA; the caller compares the name with
+//! [`has_legacy_name`] after the handshake.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+
+use super::{Credentials, TlsError, provider};
+use crate::identity::{self, CertInfo};
+use crate::legacy::LegacyName;
+
+const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+impl Credentials {
+    /// netportd's legacy listener: client certificates of the Netport CA required; the
+    /// certificate presented should carry the DNS name `server`, which legacy portals check.
+    pub fn legacy_control_server(&self) -> Result<ServerConfig, TlsError> {
+        self.legacy_server()
+    }
+
+    /// A Rust portal serving a link to a legacy portal (the `CLKR` receiver is the TLS
+    /// server): any client certificate of the CA passes the handshake; then check
+    /// [`has_legacy_name`] on the peer.
+    pub fn legacy_link_server(&self) -> Result<ServerConfig, TlsError> {
+        self.legacy_server()
+    }
+
+    fn legacy_server(&self) -> Result<ServerConfig, TlsError> {
+        Ok(ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(VERSIONS)?
+            .with_client_cert_verifier(self.client_verifier()?)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?)
+    }
+
+    /// A Rust portal opening a link to a legacy portal: the server certificate must chain to
+    /// the Netport CA and carry exactly the DNS SAN `peer` (as the server announced it).
+    pub fn legacy_link_client(&self, peer: LegacyName) -> Result<ClientConfig, TlsError> {
+        let verifier = Arc::new(LegacyPeerVerifier {
+            roots: self.roots.clone(),
+            provider: provider(),
+            peer,
+        });
+        Ok(ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(VERSIONS)?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?)
+    }
+
+    /// The legacy name this certificate carries, if any (the first valid one).
+    pub fn legacy_name(&self) -> Option<LegacyName> {
+        legacy_names(&self.info).next()
+    }
+}
+
+/// Every valid `ID|IDV|USER|USERV` DNS SAN of a certificate.
+pub fn legacy_names(info: &CertInfo) -> impl Iterator<Item = LegacyName> + '_ {
+    info.dns_names.iter().filter_map(|n| LegacyName::parse(n))
+}
+
+/// Whether the certificate carries exactly the DNS SAN of `name`.
+pub fn has_legacy_name(info: &CertInfo, name: &LegacyName) -> bool {
+    legacy_names(info).any(|n| n == *name)
+}
+
+/// Whether the certificate carries the name legacy portals require of the server: a DNS
+/// SAN `server`, or, when it has no DNS SAN at all, the common name `server`.
+pub fn names_legacy_server(info: &CertInfo) -> bool {
+    if info.dns_names.is_empty() {
+        info.subject
+            .split(',')
+            .any(|rdn| rdn.trim() == format!("CN={}", crate::legacy::SERVER_NAME))
+    } else {
+        info.dns_names
+            .iter()
+            .any(|n| n == crate::legacy::SERVER_NAME)
+    }
+}
+
+/// Verifies a legacy portal's server certificate: the chain against the Netport CA, then
+/// its `ID|IDV|USER|USERV` name; the name the client dialled is ignored (links go through
+/// relays).
+#[derive(Debug)]
+pub struct LegacyPeerVerifier {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    peer: LegacyName,
+}
+
+impl ServerCertVerifier for LegacyPeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let info = identity::inspect(end_entity)
+            .map_err(|e| rustls::Error::General(format!("legacy peer certificate: {e}")))?;
+        if has_legacy_name(&info, &self.peer) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "legacy link peer certificate names {:?}, expected {}",
+                info.dns_names, self.peer
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose, SanType,
+    };
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn ca(cn: &str) -> Result<(Issuer<'static, KeyPair>, String), rcgen::Error> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok((Issuer::new(params, key), cert.pem()))
+    }
+
+    fn legacy_portal(
+        ca: &(Issuer<'static, KeyPair>, String),
+        name: &str,
+        legacy: &str,
+    ) -> Result<Credentials, Box<dyn std::error::Error>> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.subject_alt_names = vec![
+            SanType::URI(format!("netport://portal/{name}").try_into()?),
+            SanType::DnsName(legacy.try_into()?),
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &ca.0)?;
+        Ok(Credentials::from_pem(
+            cert.pem().as_bytes(),
+            key.serialize_pem().as_bytes(),
+            ca.1.as_bytes(),
+        )?)
+    }
+
+    fn handshake(client: ClientConfig, server: ServerConfig) -> Result<CertInfo, String> {
+        let name = ServerName::try_from("link.netport.invalid").map_err(|e| e.to_string())?;
+        let mut c =
+            rustls::ClientConnection::new(Arc::new(client), name).map_err(|e| e.to_string())?;
+        let mut s = rustls::ServerConnection::new(Arc::new(server)).map_err(|e| e.to_string())?;
+        for _ in 0..20 {
+            if !c.is_handshaking() && !s.is_handshaking() {
+                break;
+            }
+            let mut buf = Vec::new();
+            c.write_tls(&mut buf).map_err(|e| e.to_string())?;
+            s.read_tls(&mut buf.as_slice()).map_err(|e| e.to_string())?;
+            s.process_new_packets()
+                .map_err(|e| format!("server: {e}"))?;
+            let mut buf = Vec::new();
+            s.write_tls(&mut buf).map_err(|e| e.to_string())?;
+            c.read_tls(&mut buf.as_slice()).map_err(|e| e.to_string())?;
+            c.process_new_packets()
+                .map_err(|e| format!("client: {e}"))?;
+        }
+        super::super::peer_info(s.peer_certificates()).map_err(|e| e.to_string())
+    }
+
+    const CAM: &str = "0A0B0C0D|00000001|11223344|00000002";
+    const NAS: &str = "01020304|00000001|11223344|00000002";
+
+    #[test]
+    fn the_pipe_name_is_not_a_dns_name_for_rustls() {
+        // Why the custom verifier exists at all.
+        assert!(ServerName::try_from(CAM).is_err());
+    }
+
+    #[test]
+    fn legacy_link_accepts_exactly_the_announced_name() -> TestResult {
+        let ca = ca("Netport CA")?;
+        let cam = legacy_portal(&ca, "cam", CAM)?;
+        let nas = legacy_portal(&ca, "nas", NAS)?;
+        assert_eq!(cam.legacy_name().map(|n| n.to_string()).as_deref(), Some(CAM));
+        let want = LegacyName::parse(NAS).ok_or("name")?;
+        let seen = handshake(cam.legacy_link_client(want)?, nas.legacy_link_server()?)?;
+        // The serving side then checks the client's name the same way.
+        assert!(has_legacy_name(&seen, &LegacyName::parse(CAM).ok_or("name")?));
+        assert!(!has_legacy_name(&seen, &want));
+
+        let other = LegacyName::parse("01020304|00000009|11223344|00000002").ok_or("name")?;
+        let err = handshake(cam.legacy_link_client(other)?, nas.legacy_link_server()?)
+            .err()
+            .ok_or("a wrong IDV was accepted")?;
+        assert!(err.contains("expected 01020304|00000009"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn legacy_link_refuses_another_ca_both_ways() -> TestResult {
+        let ours = ca("Netport CA")?;
+        let theirs = ca("Other CA")?;
+        let cam = legacy_portal(&ours, "cam", CAM)?;
+        let fake_nas = legacy_portal(&theirs, "nas", NAS)?;
+        let nas_name = LegacyName::parse(NAS).ok_or("name")?;
+        assert!(handshake(cam.legacy_link_client(nas_name)?, fake_nas.legacy_link_server()?).is_err());
+        let real_nas = legacy_portal(&ours, "nas", NAS)?;
+        let cam_name = LegacyName::parse(CAM).ok_or("name")?;
+        assert!(handshake(fake_nas.legacy_link_client(cam_name)?, real_nas.legacy_link_server()?).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn legacy_control_server_accepts_a_pipe_named_client() -> TestResult {
+        let ca = ca("Netport CA")?;
+        let cam = legacy_portal(&ca, "cam", CAM)?;
+        let server = legacy_portal(&ca, "netportd", "server")?;
+        assert!(names_legacy_server(server.info()));
+        assert!(!names_legacy_server(cam.info()));
+        // A legacy portal verifies `server` the usual way; here: its name is a DNS name.
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            cam.roots.clone(),
+            provider(),
+        )
+        .build()?;
+        let cfg = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(VERSIONS)?
+            .with_webpki_verifier(verifier)
+            .with_client_auth_cert(cam.chain.clone(), cam.key.clone_key())?;
+        let mut c = rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from("server")?)?;
+        let mut s = rustls::ServerConnection::new(Arc::new(server.legacy_control_server()?))?;
+        while c.is_handshaking() || s.is_handshaking() {
+            let mut buf = Vec::new();
+            c.write_tls(&mut buf)?;
+            s.read_tls(&mut buf.as_slice())?;
+            s.process_new_packets()?;
+            let mut buf = Vec::new();
+            s.write_tls(&mut buf)?;
+            c.read_tls(&mut buf.as_slice())?;
+            c.process_new_packets()?;
+        }
+        let seen = super::super::peer_info(s.peer_certificates())?;
+        assert_eq!(legacy_names(&seen).map(|n| n.to_string()).collect::<Vec<_>>(), [CAM]);
+        Ok(())
+    }
+}
