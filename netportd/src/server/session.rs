@@ -464,6 +464,7 @@ async fn open_link(
         token: token_to_hex(&tb),
         expires_in_ms,
         grants,
+        legacy: None,
     });
     let client_tx = lock(&server.portals).get(client).map(|h| h.tx.clone());
     if let Some(tx) = client_tx {
@@ -474,6 +475,7 @@ async fn open_link(
             relay: endpoint(ports.0),
             token: token_to_hex(&ta),
             expires_in_ms,
+            legacy: None,
         });
     }
     tracing::info!(client, serving = %serving, rule = %permit.rule.name, relay = %relay_name, link_id = alloc_id, "link allocated");
