@@ -348,7 +348,11 @@ pub fn decode_link_frame(buf: &[u8]) -> Result<(u16, &[u8], &[u8]), LegacyError>
 }
 
 /// Appends one link frame to `out`.
-pub fn encode_link_frame(channel: u16, payload: &[u8], out: &mut Vec<u8>) -> Result<(), LegacyError> {
+pub fn encode_link_frame(
+    channel: u16,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), LegacyError> {
     if payload.len() > MAX_PAYLOAD {
         return Err(LegacyError::TooLarge(payload.len()));
     }
@@ -453,14 +457,26 @@ pub fn decode_link_control(p: &[u8]) -> Result<LinkControl, LegacyError> {
                 .map_err(|_| LegacyError::BadAddress)?
                 .to_owned(),
         },
-        b'N' => LinkControl::Opened { req, src: a, new: b },
-        b'c' => LinkControl::HalfClose { req, dst: a, src: b },
+        b'N' => LinkControl::Opened {
+            req,
+            src: a,
+            new: b,
+        },
+        b'c' => LinkControl::HalfClose {
+            req,
+            dst: a,
+            src: b,
+        },
         b'C' => LinkControl::HalfClosed {
             req,
             src: a,
             ok: p[10] == 1,
         },
-        b'd' => LinkControl::Abort { req, dst: a, src: b },
+        b'd' => LinkControl::Abort {
+            req,
+            dst: a,
+            src: b,
+        },
         _ => LinkControl::Aborted {
             req,
             src: a,
@@ -707,11 +723,31 @@ mod tests {
                 port: 22,
                 addr: "192.168.1.10".into(),
             },
-            LinkControl::Opened { req: 1, src: 5, new: 9 },
-            LinkControl::HalfClose { req: 2, dst: 9, src: 5 },
-            LinkControl::HalfClosed { req: 2, src: 5, ok: true },
-            LinkControl::Abort { req: 3, dst: 9, src: 5 },
-            LinkControl::Aborted { req: 3, src: 5, ok: false },
+            LinkControl::Opened {
+                req: 1,
+                src: 5,
+                new: 9,
+            },
+            LinkControl::HalfClose {
+                req: 2,
+                dst: 9,
+                src: 5,
+            },
+            LinkControl::HalfClosed {
+                req: 2,
+                src: 5,
+                ok: true,
+            },
+            LinkControl::Abort {
+                req: 3,
+                dst: 9,
+                src: 5,
+            },
+            LinkControl::Aborted {
+                req: 3,
+                src: 5,
+                ok: false,
+            },
         ];
         let mut wire = Vec::new();
         for m in &msgs {
@@ -728,7 +764,11 @@ mod tests {
         let (ch, p, r) = decode_link_frame(rest).expect("data");
         assert_eq!((ch, p, r), (9, &b"data"[..], &b""[..]));
         assert_eq!(
-            encode_link_control(&LinkControl::HalfClosed { req: 2, src: 5, ok: true }),
+            encode_link_control(&LinkControl::HalfClosed {
+                req: 2,
+                src: 5,
+                ok: true
+            }),
             b"C...\x02\x00\x00\x00\x05\x00\x01.".to_vec()
         );
         for cut in 0..wire.len().min(20) {

@@ -31,6 +31,9 @@ pub struct NetportdToml {
     pub reload_debounce_ms: u64,
     /// Certificates.
     pub tls: netport_common::TlsToml,
+    /// The legacy (V0.1) listener for the original Python portals; off when absent.
+    #[serde(default)]
+    pub legacy: Option<super::legacy::LegacyToml>,
 }
 
 fn default_heartbeat() -> u32 {
@@ -62,6 +65,8 @@ pub struct Config {
     pub debounce: Duration,
     /// Server credentials.
     pub credentials: Credentials,
+    /// The legacy listener, when configured.
+    pub legacy: Option<super::legacy::LegacyConfig>,
 }
 
 impl Config {
@@ -101,7 +106,9 @@ impl Config {
                 policy_dir.display()
             );
         };
+        let legacy = raw.legacy.map(|l| l.validate(&raw.tls, base)).transpose()?;
         Ok(Config {
+            legacy,
             listen: raw.listen,
             policy_dir,
             policy,

@@ -242,6 +242,8 @@ async fn portal_session(
         tx: tx.clone(),
         spki: info.spki_sha256,
         cancel: cancel.clone(),
+        legacy: netport_proto::tls::legacy::legacy_names(&info).next(),
+        speaks_legacy: false,
     };
     if let Some(old) = lock(&server.portals).insert(name.clone(), handle) {
         // A portal reconnecting replaces its old session.
@@ -380,6 +382,18 @@ async fn open_link(
             transport: transport(s.protocol),
         })
         .collect();
+    // A legacy peer: the legacy link protocol, set up by the legacy module.
+    if lock(&server.portals)
+        .get(&serving)
+        .is_some_and(|h| h.speaks_legacy)
+    {
+        let relays: Vec<String> = permit.relays().map(|r| r.name.clone()).collect();
+        let rule = permit.rule.name.clone();
+        return super::legacy::offer_to_legacy(
+            server, client, key, request_id, &rule, &relays, &serving, grants,
+        )
+        .await;
+    }
     // The rule's relays, the least loaded connected one first.
     let (relay_name, relay_tx, alloc_id, rx) = {
         let mut relays = lock(&server.relays);

@@ -243,11 +243,17 @@ mod tests {
         let ca = ca("Netport CA")?;
         let cam = legacy_portal(&ca, "cam", CAM)?;
         let nas = legacy_portal(&ca, "nas", NAS)?;
-        assert_eq!(cam.legacy_name().map(|n| n.to_string()).as_deref(), Some(CAM));
+        assert_eq!(
+            cam.legacy_name().map(|n| n.to_string()).as_deref(),
+            Some(CAM)
+        );
         let want = LegacyName::parse(NAS).ok_or("name")?;
         let seen = handshake(cam.legacy_link_client(want)?, nas.legacy_link_server()?)?;
         // The serving side then checks the client's name the same way.
-        assert!(has_legacy_name(&seen, &LegacyName::parse(CAM).ok_or("name")?));
+        assert!(has_legacy_name(
+            &seen,
+            &LegacyName::parse(CAM).ok_or("name")?
+        ));
         assert!(!has_legacy_name(&seen, &want));
 
         let other = LegacyName::parse("01020304|00000009|11223344|00000002").ok_or("name")?;
@@ -265,10 +271,22 @@ mod tests {
         let cam = legacy_portal(&ours, "cam", CAM)?;
         let fake_nas = legacy_portal(&theirs, "nas", NAS)?;
         let nas_name = LegacyName::parse(NAS).ok_or("name")?;
-        assert!(handshake(cam.legacy_link_client(nas_name)?, fake_nas.legacy_link_server()?).is_err());
+        assert!(
+            handshake(
+                cam.legacy_link_client(nas_name)?,
+                fake_nas.legacy_link_server()?
+            )
+            .is_err()
+        );
         let real_nas = legacy_portal(&ours, "nas", NAS)?;
         let cam_name = LegacyName::parse(CAM).ok_or("name")?;
-        assert!(handshake(fake_nas.legacy_link_client(cam_name)?, real_nas.legacy_link_server()?).is_err());
+        assert!(
+            handshake(
+                fake_nas.legacy_link_client(cam_name)?,
+                real_nas.legacy_link_server()?
+            )
+            .is_err()
+        );
         Ok(())
     }
 
@@ -302,7 +320,12 @@ mod tests {
             c.process_new_packets()?;
         }
         let seen = super::super::peer_info(s.peer_certificates())?;
-        assert_eq!(legacy_names(&seen).map(|n| n.to_string()).collect::<Vec<_>>(), [CAM]);
+        assert_eq!(
+            legacy_names(&seen)
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>(),
+            [CAM]
+        );
         Ok(())
     }
 }

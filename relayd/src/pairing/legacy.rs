@@ -11,9 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use netport_proto::control::Message;
-use netport_proto::legacy::{
-    self, RELAY_BAD_TOKEN, RELAY_HELLO_LEN, RELAY_READY, Token8,
-};
+use netport_proto::legacy::{self, RELAY_BAD_TOKEN, RELAY_HELLO_LEN, RELAY_READY, Token8};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
