@@ -17,6 +17,8 @@ use netport_proto::tls::Credentials;
 use netportd::pki::{Ca, IssueRequest, Issued};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod legacy_portal;
+
 /// A CA and the files of the certificates issued from it, in a temporary directory.
 pub struct Pki {
     pub dir: tempfile::TempDir,

@@ -1,0 +1,488 @@
+//! Legacy (V0.1) compatibility: a test-only legacy portal, written from the protocol
+//! document, drives the real netportd and relayd; mixed links join it with the Rust portal.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use netport_e2e::legacy_portal::{
+    DATA_CHUNK, LegacyPortal, LegacySystem, LinkIo, relay_hello, send_frame, serve_channels,
+};
+use netport_e2e::{Pki, echo_service, wait_listening};
+use netport_proto::identity::Role;
+use netport_proto::legacy::{self, Auth, Command, LegacyName, LinkControl};
+use netportd::pki::IssueRequest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const T: Duration = Duration::from_secs(30);
+
+const CAM: &str = "0A0B0C0D|00000001|11223344|00000002";
+const NAS: &str = "01020304|00000003|11223344|00000004";
+const STRANGER: &str = "05060708|00000001|11223344|00000001";
+const ALICE: &str = "0A0A0A0A|00000007|11223344|00000008";
+
+fn name(s: &str) -> Result<LegacyName> {
+    LegacyName::parse(s).context("test name")
+}
+
+/// cam may reach nas's echo; alice (a Rust portal with a legacy name) may reach it too and
+/// serves its own echo to nas; stranger is known but granted nothing.
+fn policy(echo: &str, listen: u16) -> String {
+    format!(
+        r#"
+[[portal]]
+name = "cam"
+legacy_id = "0A0B0C0D"
+legacy_user = "11223344"
+
+[[portal]]
+name = "nas"
+legacy_id = "01020304"
+legacy_user = "11223344"
+
+[[portal]]
+name = "stranger"
+legacy_id = "05060708"
+
+[[portal]]
+name = "alice"
+legacy_id = "0A0A0A0A"
+legacy_user = "11223344"
+
+[[service]]
+name = "nas-echo"
+portal = "nas"
+target = "{echo}"
+
+[[access]]
+name = "to-nas"
+from = ["cam", "alice"]
+listen = "127.0.0.1:{listen}"
+service = "nas-echo"
+
+[[service]]
+name = "alice-echo"
+portal = "alice"
+target = "{echo}"
+
+[[access]]
+name = "nas-to-alice"
+from = ["nas"]
+listen = "127.0.0.1:{}"
+service = "alice-echo"
+"#,
+        listen + 1
+    )
+}
+
+async fn system(relay: bool, keepalive: u64, idle: u64) -> Result<(LegacySystem, String, u16)> {
+    let echo = echo_service().await?.to_string();
+    let (listen, _) = netport_e2e::free_port_range(2)?;
+    let sys = LegacySystem::start(Pki::new()?, &policy(&echo, listen), keepalive, idle, relay)?;
+    wait_listening(&sys.legacy_addr.to_string(), T).await?;
+    if relay {
+        sys.wait_log("netportd", "relay connected", T).await?;
+    }
+    Ok((sys, echo, listen))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_is_accepted_for_a_known_id_and_refused_otherwise() -> Result<()> {
+    let (sys, _, _) = system(false, 10, 45).await?;
+    let cam = LegacyPortal::issue(&sys.pki, "cam", name(CAM)?)?;
+    let mut c = cam.login(sys.legacy_addr).await?;
+    c.keepalive().await?;
+    sys.wait_log("netportd", "portal connected (legacy V0.1) portal=cam", T)
+        .await?;
+
+    // A PortalID the policy does not know.
+    let unknown = LegacyPortal::issue(
+        &sys.pki,
+        "cam",
+        name("99999999|00000001|11223344|00000001")?,
+    )?;
+    let (_, reply) = unknown
+        .login_as(
+            sys.legacy_addr,
+            Auth {
+                portal_id: [0x99; 4],
+                user_id: [0x11, 0x22, 0x33, 0x44],
+            },
+        )
+        .await?;
+    ensure!(reply != legacy::AUTH_OK, "an unknown PortalID logged in");
+
+    // The right PortalID with another UserID than the policy's.
+    let (_, reply) = cam
+        .login_as(
+            sys.legacy_addr,
+            Auth {
+                portal_id: name(CAM)?.id,
+                user_id: [1, 2, 3, 4],
+            },
+        )
+        .await?;
+    ensure!(reply != legacy::AUTH_OK, "a wrong UserID logged in");
+
+    // A certificate without the legacy name cannot claim the ID.
+    let plain = sys.pki.issue(Role::Portal, "cam")?;
+    let no_name = LegacyPortal::from_files(&sys.pki, &plain, name(CAM)?)?;
+    let (_, reply) = no_name
+        .login_as(
+            sys.legacy_addr,
+            Auth {
+                portal_id: name(CAM)?.id,
+                user_id: name(CAM)?.user,
+            },
+        )
+        .await?;
+    ensure!(
+        reply != legacy::AUTH_OK,
+        "a certificate without the name logged in"
+    );
+
+    // Another portal's certificate claiming cam's IDs.
+    let nas = LegacyPortal::issue(&sys.pki, "nas", name(NAS)?)?;
+    let (_, reply) = nas
+        .login_as(
+            sys.legacy_addr,
+            Auth {
+                portal_id: name(CAM)?.id,
+                user_id: name(CAM)?.user,
+            },
+        )
+        .await?;
+    ensure!(reply != legacy::AUTH_OK, "nas logged in as cam");
+    let log = sys.log("netportd");
+    ensure!(log.contains("no portal with legacy_id 99999999"), "{log}");
+    ensure!(
+        log.contains("legacy_user 11223344, the login says 01020304"),
+        "{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalives_flow_both_ways_and_a_silent_portal_is_dropped() -> Result<()> {
+    // The server's keepalive every second, silence limit 3 s.
+    let (sys, _, _) = system(false, 1, 3).await?;
+    let cam = LegacyPortal::issue(&sys.pki, "cam", name(CAM)?)?;
+    let mut c = cam.login(sys.legacy_addr).await?;
+    // Unsolicited keepalives arrive although the portal says nothing.
+    let mut seen = 0;
+    let deadline = tokio::time::Instant::now() + T;
+    while seen < 2 {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no server keepalives"
+        );
+        let m = c.recv(T).await?;
+        ensure!(m.command == Command::KeepAlive, "unexpected {m:?}");
+        seen += 1;
+    }
+    // A portal that keeps sending keepalives stays connected past the silence limit...
+    let mut kept = LegacyPortal::issue(&sys.pki, "nas", name(NAS)?)?
+        .login(sys.legacy_addr)
+        .await?;
+    let stay_until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < stay_until {
+        kept.keepalive().await?;
+        // Each keepalive is echoed (or a periodic one is due): something always comes back.
+        let m = kept.recv(Duration::from_secs(5)).await?;
+        ensure!(m.command == Command::KeepAlive, "unexpected {m:?}");
+    }
+    // ...while the silent one is dropped: its connection ends.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "a silent portal was never dropped"
+        );
+        match c.recv(T).await {
+            Ok(m) if m.command == Command::KeepAlive => {}
+            Ok(m) => bail!("unexpected {m:?}"),
+            Err(_) => break,
+        }
+    }
+    sys.wait_log("netportd", "no keepalive for 3 s", T).await?;
+    ensure!(
+        kept.keepalive().await.is_ok(),
+        "the talking portal lost its connection"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_requests_are_allowed_denied_offline_or_without_relay() -> Result<()> {
+    let (sys, _, _) = system(true, 10, 45).await?;
+    let cam = LegacyPortal::issue(&sys.pki, "cam", name(CAM)?)?;
+    let nas = LegacyPortal::issue(&sys.pki, "nas", name(NAS)?)?;
+    let stranger = LegacyPortal::issue(&sys.pki, "stranger", name(STRANGER)?)?;
+    let mut c = cam.login(sys.legacy_addr).await?;
+
+    // nas is not connected yet.
+    ensure!(c.request_link(name(NAS)?.id).await? == Command::NotFound);
+    let mut n = nas.login(sys.legacy_addr).await?;
+    sys.wait_log("netportd", "portal connected (legacy V0.1) portal=nas", T)
+        .await?;
+    // Allowed: REPL with nas's values, CLKR to nas with cam's values and the same tokenP.
+    let Command::Granted(repl) = c.request_link(name(NAS)?.id).await? else {
+        bail!("link refused:\n{}", sys.logs());
+    };
+    let want = name(NAS)?;
+    ensure!((repl.peer.idv, repl.peer.user, repl.peer.userv) == (want.idv, want.user, want.userv));
+    ensure!(repl.relay_addr == "127.0.0.1");
+    let clkr = n.wait_clkr(T).await?;
+    ensure!(clkr.peer == name(CAM)?, "CLKR names {}", clkr.peer);
+    ensure!(clkr.token_p == repl.token_p && clkr.token_r == repl.token_r);
+    ensure!(clkr.relay_port == repl.relay_port);
+
+    // Denied: stranger is granted nothing on nas; nas is granted nothing on cam.
+    let mut s = stranger.login(sys.legacy_addr).await?;
+    ensure!(s.request_link(name(NAS)?.id).await? == Command::Deny);
+    ensure!(n.request_link(name(CAM)?.id).await? == Command::Deny);
+    // An ID the policy does not know.
+    ensure!(c.request_link([0x77; 4]).await? == Command::Deny);
+
+    // Without a relay: NORL.
+    let (norelay, _, _) = system(false, 10, 45).await?;
+    let cam2 = LegacyPortal::issue(&norelay.pki, "cam", name(CAM)?)?;
+    let nas2 = LegacyPortal::issue(&norelay.pki, "nas", name(NAS)?)?;
+    let mut c2 = cam2.login(norelay.legacy_addr).await?;
+    let _n2 = nas2.login(norelay.legacy_addr).await?;
+    norelay
+        .wait_log("netportd", "portal connected (legacy V0.1) portal=nas", T)
+        .await?;
+    ensure!(c2.request_link(name(NAS)?.id).await? == Command::NoRelay);
+    Ok(())
+}
+
+/// Opens a channel to `addr:port` on the far side; returns the far side's channel.
+async fn open_channel(link: &mut LinkIo, src: u16, port: u16, addr: &str) -> Result<u16> {
+    link.send_control(&LinkControl::Open {
+        req: u32::from(src),
+        src,
+        port,
+        addr: addr.into(),
+    })
+    .await?;
+    match link.recv_control(T).await? {
+        LinkControl::Opened { src: s, new, .. } if s == src => Ok(new),
+        other => bail!("unexpected answer to n: {other:?}"),
+    }
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed).to_be_bytes()[0])
+        .collect()
+}
+
+/// Sends `data` on channel `dst` (ours: `src`), half-closes, and collects what comes back on
+/// `src` until the far side half-closes too.
+async fn echo_through(
+    link: LinkIo,
+    src: u16,
+    dst: u16,
+    data: Vec<u8>,
+) -> Result<(LinkIo, Vec<u8>)> {
+    let LinkIo { mut rd, mut wr } = link;
+    let sender = tokio::spawn(async move {
+        for chunk in data.chunks(DATA_CHUNK) {
+            send_frame(&mut wr, dst, chunk).await?;
+        }
+        send_frame(
+            &mut wr,
+            0,
+            &legacy::encode_link_control(&LinkControl::HalfClose { req: 99, dst, src }),
+        )
+        .await?;
+        Ok::<_, anyhow::Error>(wr)
+    });
+    let mut back = Vec::new();
+    loop {
+        let (ch, p) = netport_e2e::legacy_portal::recv_frame(&mut rd, T).await?;
+        if ch == src {
+            back.extend_from_slice(&p);
+            continue;
+        }
+        ensure!(ch == 0, "data for an unknown channel {ch}");
+        match legacy::decode_link_control(&p)? {
+            LinkControl::KeepAlive => {}
+            // The answer to our half-close may come before or after the far side's own.
+            LinkControl::HalfClosed { ok, .. } => ensure!(ok, "half-close refused"),
+            LinkControl::HalfClose { dst: d, .. } if d == src => break,
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+    let wr = sender.await??;
+    Ok((LinkIo { rd, wr }, back))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_link_carries_a_mebibyte_each_way_half_closes_aborts_and_spends_its_token()
+-> Result<()> {
+    let (sys, echo, _) = system(true, 10, 45).await?;
+    let cam = LegacyPortal::issue(&sys.pki, "cam", name(CAM)?)?;
+    let nas = LegacyPortal::issue(&sys.pki, "nas", name(NAS)?)?;
+    let mut c = cam.login(sys.legacy_addr).await?;
+    let mut n = nas.login(sys.legacy_addr).await?;
+    sys.wait_log("netportd", "portal connected (legacy V0.1) portal=nas", T)
+        .await?;
+    let Command::Granted(repl) = c.request_link(name(NAS)?.id).await? else {
+        bail!("link refused:\n{}", sys.logs());
+    };
+    let clkr = n.wait_clkr(T).await?;
+    let nas_id = name(NAS)?.id;
+    let (client, server) = tokio::join!(
+        cam.link_as_requester(nas_id, &repl),
+        nas.link_as_receiver(&clkr)
+    );
+    let mut client = client.context("requester side")?;
+    let _serving = serve_channels(server.context("receiver side")?);
+
+    // The token is spent: a third hello with it, or another token, gets `Bad T !`.
+    for token in [repl.token_r, *b"guessed!"] {
+        let err = relay_hello(repl.relay_port, "127.0.0.1", &token)
+            .await
+            .err()
+            .context("the relay accepted a spent or unknown token")?;
+        ensure!(err.to_string().contains("Bad T !"), "{err:#}");
+    }
+
+    // 1 MiB to the echo and 1 MiB back, then half-close both ways.
+    let (eh, ep) = echo.rsplit_once(':').context("echo address")?;
+    let dst = open_channel(&mut client, 1, ep.parse()?, eh).await?;
+    ensure!(dst != 0, "the channel open failed");
+    let data = pattern(1 << 20, 7);
+    let (mut client, back) = echo_through(client, 1, dst, data.clone()).await?;
+    ensure!(
+        back.len() == data.len(),
+        "got {} of {} bytes back",
+        back.len(),
+        data.len()
+    );
+    ensure!(back == data, "bytes changed on the legacy link");
+
+    // Abort: a service that waits for EOF sees its connection end.
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sink_port = sink.local_addr()?.port();
+    let dst = open_channel(&mut client, 2, sink_port, "127.0.0.1").await?;
+    ensure!(dst != 0, "the channel open failed");
+    let (mut conn, _) = tokio::time::timeout(T, sink.accept()).await??;
+    client
+        .send_control(&LinkControl::Abort {
+            req: 5,
+            dst,
+            src: 2,
+        })
+        .await?;
+    match client.recv_control(T).await? {
+        LinkControl::Aborted { ok: true, .. } => {}
+        other => bail!("unexpected answer to d: {other:?}"),
+    }
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(T, conn.read(&mut buf))
+        .await?
+        .unwrap_or(0);
+    ensure!(
+        n == 0,
+        "the aborted channel's service connection stayed open"
+    );
+
+    // A channel to a closed port fails with N newCh = 0.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let closed_port = closed.local_addr()?.port();
+    drop(closed);
+    ensure!(open_channel(&mut client, 3, closed_port, "127.0.0.1").await? == 0);
+    Ok(())
+}
+
+/// Issues alice's certificate with her legacy name and starts her as a Rust portal.
+fn start_alice(sys: &mut LegacySystem) -> Result<()> {
+    let files = sys.pki.write(sys.pki.ca.issue(&IssueRequest {
+        legacy: Some(name(ALICE)?),
+        ..IssueRequest::new(Role::Portal, "alice", 30)
+    })?)?;
+    sys.start_portal("alice", &files)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_portal_reaches_a_legacy_portals_service() -> Result<()> {
+    let (mut sys, _, listen) = system(true, 10, 45).await?;
+    let nas = LegacyPortal::issue(&sys.pki, "nas", name(NAS)?)?;
+    let mut n = nas.login(sys.legacy_addr).await?;
+    start_alice(&mut sys)?;
+    sys.wait_log("netportd", "portal connected portal=alice", T)
+        .await?;
+    let addr = format!("127.0.0.1:{listen}");
+    wait_listening(&addr, T).await?;
+    // The legacy side answers the CLKR and serves channels, as the Python portal would.
+    let serving = tokio::spawn(async move {
+        let clkr = n.wait_clkr(T).await?;
+        ensure!(clkr.peer == name(ALICE)?, "CLKR names {}", clkr.peer);
+        let link = nas.link_as_receiver(&clkr).await?;
+        Ok::<_, anyhow::Error>((serve_channels(link), n))
+    });
+    let data = pattern(1 << 20, 3);
+    let s = TcpStream::connect(&addr).await?;
+    let (mut r, mut w) = s.into_split();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await?;
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(())
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(T, r.read_to_end(&mut back))
+        .await
+        .with_context(|| format!("echo through the legacy peer timed out:\n{}", sys.logs()))??;
+    writer.await??;
+    ensure!(
+        back == data,
+        "got {} of {} bytes, or changed bytes:\n{}",
+        back.len(),
+        data.len(),
+        sys.logs()
+    );
+    let _ = tokio::time::timeout(T, serving).await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_portal_reaches_a_rust_portals_service_and_only_what_is_granted() -> Result<()> {
+    let (mut sys, echo, _) = system(true, 10, 45).await?;
+    let nas = LegacyPortal::issue(&sys.pki, "nas", name(NAS)?)?;
+    let mut n = nas.login(sys.legacy_addr).await?;
+    start_alice(&mut sys)?;
+    sys.wait_log("netportd", "portal connected portal=alice", T)
+        .await?;
+    let Command::Granted(repl) = n.request_link(name(ALICE)?.id).await? else {
+        bail!("link refused:\n{}", sys.logs());
+    };
+    ensure!(repl.peer.idv == name(ALICE)?.idv && repl.peer.userv == name(ALICE)?.userv);
+    let mut link = nas
+        .link_as_requester(name(ALICE)?.id, &repl)
+        .await
+        .with_context(|| sys.logs())?;
+    // A target the policy does not grant is refused by the Rust portal itself.
+    let other = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let other_port = other.local_addr()?.port();
+    ensure!(
+        open_channel(&mut link, 1, other_port, "127.0.0.1").await? == 0,
+        "the Rust portal opened a target that is not granted"
+    );
+    // The granted one works, 1 MiB each way.
+    let (eh, ep) = echo.rsplit_once(':').context("echo address")?;
+    let dst = open_channel(&mut link, 2, ep.parse()?, eh).await?;
+    ensure!(dst != 0, "the granted target was refused:\n{}", sys.logs());
+    let data = pattern(1 << 20, 11);
+    let (_link, back) = echo_through(link, 2, dst, data.clone()).await?;
+    ensure!(
+        back == data,
+        "got {} of {} bytes, or changed bytes",
+        back.len(),
+        data.len()
+    );
+    Ok(())
+}
