@@ -8,6 +8,7 @@
 
 pub mod config;
 mod control;
+mod legacy;
 mod link;
 mod listeners;
 pub mod mux;
