@@ -180,7 +180,7 @@ pub async fn relay_hello(port: u16, addr: &str, token: &[u8; 8]) -> Result<TcpSt
     tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut echo))
         .await
         .context("no answer from the relay")??;
-    if &echo != &hello[..8] {
+    if echo != hello[..8] {
         bail!("relay answered {:?}", String::from_utf8_lossy(&echo));
     }
     let mut rest = [0u8; 56];
