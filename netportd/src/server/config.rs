@@ -128,4 +128,15 @@ mod tests {
         let raw: Result<super::NetportdToml, _> = toml::from_str(text);
         assert!(raw.is_ok(), "{raw:?}");
     }
+
+    #[test]
+    fn the_legacy_example_parses_with_its_listener() {
+        let text = include_str!("../../../examples/config/netportd-legacy.toml");
+        let raw: Result<super::NetportdToml, _> = toml::from_str(text);
+        let legacy = raw
+            .ok()
+            .and_then(|r| r.legacy)
+            .map(|l| (l.listen.port(), l.keepalive_secs, l.idle_secs));
+        assert_eq!(legacy, Some((5000, 10, 45)));
+    }
 }
