@@ -486,3 +486,152 @@ async fn legacy_portal_reaches_a_rust_portals_service_and_only_what_is_granted()
     );
     Ok(())
 }
+
+fn run(bin: &str, args: &[&str]) -> Result<(Option<i32>, String, String)> {
+    let out = std::process::Command::new(netport_e2e::binary(bin))
+        .args(args)
+        .output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn legacy_listener_needs_a_certificate_named_server_and_sane_keepalives() -> Result<()> {
+    let pki = Pki::new()?;
+    let d = pki.dir.path();
+    std::fs::create_dir_all(d.join("policy"))?;
+    std::fs::write(
+        d.join("policy/p.toml"),
+        "[[portal]]\nname = \"cam\"\nlegacy_id = \"0A0B0C0D\"\n",
+    )?;
+    // Issued for localhost only: no `server` name.
+    let server = pki.issue(Role::Server, "netportd")?;
+    let named = pki.write(pki.ca.issue(&IssueRequest {
+        dns: vec!["server".into()],
+        ..IssueRequest::new(Role::Server, "legacy", 30)
+    })?)?;
+    let cfg = |legacy: &str| {
+        format!(
+            "listen = [\"127.0.0.1:0\"]\npolicy = \"policy\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[legacy]\n{legacy}",
+            pki.ca_path().display(),
+            server.cert.display(),
+            server.key.display()
+        )
+    };
+    let cases = [
+        (
+            cfg("listen = \"127.0.0.1:0\"\n"),
+            "certificate name `server`",
+        ),
+        (
+            cfg(&format!(
+                "listen = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nkeepalive_secs = 30\n",
+                named.cert.display(),
+                named.key.display()
+            )),
+            "legacy.keepalive_secs",
+        ),
+        (cfg("listen = \"127.0.0.1:0\"\ncolour = 1\n"), "colour"),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let path = d.join(format!("netportd-{i}.toml"));
+        std::fs::write(&path, text)?;
+        let (code, _, err) = run(
+            "netportd",
+            &["run", "--config", path.to_str().context("utf-8")?],
+        )?;
+        ensure!(code == Some(2), "case {i} exited {code:?}: {err}");
+        ensure!(
+            err.contains(needle),
+            "case {i}: expected `{needle}` in: {err}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn ca_issue_adds_the_legacy_name_for_portals_only() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().to_str().context("utf-8")?;
+    let (code, _, err) = run("netportd", &["ca", "init", "--dir", ca])?;
+    ensure!(code == Some(0), "{err}");
+    let (code, out, err) = run(
+        "netportd",
+        &[
+            "ca",
+            "issue",
+            "--dir",
+            ca,
+            "portal",
+            "cam",
+            "--legacy-id",
+            "0a0b0c0d",
+            "--legacy-user",
+            "11223344",
+            "--legacy-userv",
+            "00000002",
+        ],
+    )?;
+    ensure!(code == Some(0), "{err}");
+    ensure!(
+        out.contains("legacy       0A0B0C0D|00000001|11223344|00000002"),
+        "{out}"
+    );
+    let pem = std::fs::read(dir.path().join("portal-cam.crt"))?;
+    let der = netportd::pki::first_certificate(&pem).map_err(anyhow::Error::msg)?;
+    let info = netport_proto::identity::inspect(&der)?;
+    ensure!(info.dns_names == [CAM], "{:?}", info.dns_names);
+    let (code, _, err) = run(
+        "netportd",
+        &[
+            "ca",
+            "issue",
+            "--dir",
+            ca,
+            "relay",
+            "r",
+            "--legacy-id",
+            "0A0B0C0D",
+            "--legacy-user",
+            "11223344",
+        ],
+    )?;
+    ensure!(
+        code == Some(2) && err.contains("only for portal certificates"),
+        "{err}"
+    );
+    let (code, _, err) = run(
+        "netportd",
+        &[
+            "ca",
+            "issue",
+            "--dir",
+            ca,
+            "portal",
+            "x",
+            "--legacy-id",
+            "0A0B0C0D",
+        ],
+    )?;
+    ensure!(code == Some(2) && err.contains("--legacy-user"), "{err}");
+    let (code, _, err) = run(
+        "netportd",
+        &[
+            "ca",
+            "issue",
+            "--dir",
+            ca,
+            "portal",
+            "y",
+            "--legacy-id",
+            "0A0B0C",
+            "--legacy-user",
+            "11223344",
+        ],
+    )?;
+    ensure!(code == Some(2) && err.contains("8 hex digits"), "{err}");
+    Ok(())
+}
