@@ -167,7 +167,7 @@ impl Credentials {
         let verifier = Arc::new(ExactPeerVerifier {
             roots: self.roots.clone(),
             provider: provider(),
-            peer,
+            peer: Expected::Identity(peer),
         });
         let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -202,13 +202,23 @@ pub fn peer_info(
     identity::inspect(leaf)
 }
 
-/// Verifies a server certificate against the Netport CA and accepts only one identity;
+/// Verifies a server certificate against the Netport CA and accepts only one peer;
 /// the name the client dialled is ignored (links go through relays, not names).
 #[derive(Debug)]
 pub struct ExactPeerVerifier {
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
-    peer: Identity,
+    peer: Expected,
+}
+
+/// Who the link peer must be.
+#[derive(Debug)]
+enum Expected {
+    /// A native peer: exactly this `netport://` identity.
+    Identity(Identity),
+    /// A legacy (V0.1) peer: exactly this `ID|IDV|USER|USERV` DNS SAN, which is not a valid
+    /// DNS name and so cannot go through rustls' name checks.
+    Legacy(crate::legacy::LegacyName),
 }
 
 impl ServerCertVerifier for ExactPeerVerifier {
@@ -230,11 +240,22 @@ impl ServerCertVerifier for ExactPeerVerifier {
         )?;
         let info = identity::inspect(end_entity)
             .map_err(|e| rustls::Error::General(format!("peer certificate: {e}")))?;
+        let peer = match &self.peer {
+            Expected::Legacy(name) if legacy::has_legacy_name(&info, name) => {
+                return Ok(ServerCertVerified::assertion());
+            }
+            Expected::Legacy(name) => {
+                return Err(rustls::Error::General(format!(
+                    "legacy link peer certificate names {:?}, expected {name}",
+                    info.dns_names
+                )));
+            }
+            Expected::Identity(peer) => peer,
+        };
         match info.identity {
-            Some(id) if id == self.peer => Ok(ServerCertVerified::assertion()),
+            Some(id) if id == *peer => Ok(ServerCertVerified::assertion()),
             Some(id) => Err(rustls::Error::General(format!(
-                "link peer is {id}, expected {}",
-                self.peer
+                "link peer is {id}, expected {peer}"
             ))),
             None => Err(rustls::Error::General(
                 "link peer certificate names no netport identity".into(),
@@ -325,7 +346,20 @@ mod tests {
 
     /// Runs a TLS handshake in memory; returns the server's view of the client identity.
     fn handshake(client: ClientConfig, server: ServerConfig) -> Result<CertInfo, String> {
-        let name = ServerName::try_from("peer.netport.invalid").map_err(|e| e.to_string())?;
+        let (c, s) = drive(client, server, "peer.netport.invalid")?;
+        if c.alpn_protocol() != Some(LINK_ALPN) {
+            return Err("no ALPN agreed".into());
+        }
+        peer_info(s.peer_certificates()).map_err(|e| e.to_string())
+    }
+
+    /// Runs a TLS handshake in memory, the client dialling `name`.
+    pub(super) fn drive(
+        client: ClientConfig,
+        server: ServerConfig,
+        name: &str,
+    ) -> Result<(rustls::ClientConnection, rustls::ServerConnection), String> {
+        let name = ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
         let mut c =
             rustls::ClientConnection::new(Arc::new(client), name).map_err(|e| e.to_string())?;
         let mut s = rustls::ServerConnection::new(Arc::new(server)).map_err(|e| e.to_string())?;
@@ -344,10 +378,7 @@ mod tests {
             c.process_new_packets()
                 .map_err(|e| format!("client: {e}"))?;
         }
-        if c.alpn_protocol() != Some(LINK_ALPN) {
-            return Err("no ALPN agreed".into());
-        }
-        peer_info(s.peer_certificates()).map_err(|e| e.to_string())
+        Ok((c, s))
     }
 
     #[test]

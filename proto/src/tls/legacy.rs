@@ -1,22 +1,19 @@
 //! TLS settings for the legacy (V0.1) protocol: TLS 1.2 or 1.3, no ALPN.
 //!
 //! A legacy portal's certificate names it with the DNS SAN `ID|IDV|USER|USERV`, which is not
-//! a valid DNS name: rustls refuses it as a [`ServerName`], so the client side of a link to a
-//! legacy portal uses [`LegacyPeerVerifier`], which checks the chain against the Netport CA
-//! exactly as the default verifier does and then compares that one SAN byte for byte. The
+//! a valid DNS name: rustls refuses it as a
+//! [`ServerName`](rustls::pki_types::ServerName), so the client side of a link to a
+//! legacy portal uses [`ExactPeerVerifier`], which checks the chain against the Netport CA
+//! exactly as the default verifier does and then compares that one SAN. The
 //! serving side accepts any client certificate of the CA; the caller compares the name with
 //! [`has_legacy_name`] after the handshake.
 
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::ParsedCertificate;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{ClientConfig, ServerConfig};
 
-use super::{Credentials, TlsError, provider};
-use crate::identity::{self, CertInfo};
+use super::{Credentials, ExactPeerVerifier, Expected, TlsError, provider};
+use crate::identity::CertInfo;
 use crate::legacy::LegacyName;
 
 const VERSIONS: &[&rustls::SupportedProtocolVersion] =
@@ -46,10 +43,10 @@ impl Credentials {
     /// A Rust portal opening a link to a legacy portal: the server certificate must chain to
     /// the Netport CA and carry exactly the DNS SAN `peer` (as the server announced it).
     pub fn legacy_link_client(&self, peer: LegacyName) -> Result<ClientConfig, TlsError> {
-        let verifier = Arc::new(LegacyPeerVerifier {
+        let verifier = Arc::new(ExactPeerVerifier {
             roots: self.roots.clone(),
             provider: provider(),
-            peer,
+            peer: Expected::Legacy(peer),
         });
         Ok(ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(VERSIONS)?
@@ -88,80 +85,6 @@ pub fn names_legacy_server(info: &CertInfo) -> bool {
     }
 }
 
-/// Verifies a legacy portal's server certificate: the chain against the Netport CA, then
-/// its `ID|IDV|USER|USERV` name; the name the client dialled is ignored (links go through
-/// relays).
-#[derive(Debug)]
-pub struct LegacyPeerVerifier {
-    roots: Arc<RootCertStore>,
-    provider: Arc<CryptoProvider>,
-    peer: LegacyName,
-}
-
-impl ServerCertVerifier for LegacyPeerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        let info = identity::inspect(end_entity)
-            .map_err(|e| rustls::Error::General(format!("legacy peer certificate: {e}")))?;
-        if has_legacy_name(&info, &self.peer) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(format!(
-                "legacy link peer certificate names {:?}, expected {}",
-                info.dns_names, self.peer
-            )))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +92,7 @@ mod tests {
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
         KeyPair, KeyUsagePurpose, SanType,
     };
+    use rustls::pki_types::ServerName;
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -207,24 +131,10 @@ mod tests {
     }
 
     fn handshake(client: ClientConfig, server: ServerConfig) -> Result<CertInfo, String> {
-        let name = ServerName::try_from("link.netport.invalid").map_err(|e| e.to_string())?;
-        let mut c =
-            rustls::ClientConnection::new(Arc::new(client), name).map_err(|e| e.to_string())?;
-        let mut s = rustls::ServerConnection::new(Arc::new(server)).map_err(|e| e.to_string())?;
-        for _ in 0..20 {
-            if !c.is_handshaking() && !s.is_handshaking() {
-                break;
-            }
-            let mut buf = Vec::new();
-            c.write_tls(&mut buf).map_err(|e| e.to_string())?;
-            s.read_tls(&mut buf.as_slice()).map_err(|e| e.to_string())?;
-            s.process_new_packets()
-                .map_err(|e| format!("server: {e}"))?;
-            let mut buf = Vec::new();
-            s.write_tls(&mut buf).map_err(|e| e.to_string())?;
-            c.read_tls(&mut buf.as_slice()).map_err(|e| e.to_string())?;
-            c.process_new_packets()
-                .map_err(|e| format!("client: {e}"))?;
+        let (c, s) = super::super::tests::drive(client, server, "link.netport.invalid")?;
+        // Legacy portals speak no ALPN.
+        if c.alpn_protocol().is_some() {
+            return Err("ALPN agreed on a legacy link".into());
         }
         super::super::peer_info(s.peer_certificates()).map_err(|e| e.to_string())
     }
@@ -307,18 +217,7 @@ mod tests {
             .with_protocol_versions(VERSIONS)?
             .with_webpki_verifier(verifier)
             .with_client_auth_cert(cam.chain.clone(), cam.key.clone_key())?;
-        let mut c = rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from("server")?)?;
-        let mut s = rustls::ServerConnection::new(Arc::new(server.legacy_control_server()?))?;
-        while c.is_handshaking() || s.is_handshaking() {
-            let mut buf = Vec::new();
-            c.write_tls(&mut buf)?;
-            s.read_tls(&mut buf.as_slice())?;
-            s.process_new_packets()?;
-            let mut buf = Vec::new();
-            s.write_tls(&mut buf)?;
-            c.read_tls(&mut buf.as_slice())?;
-            c.process_new_packets()?;
-        }
+        let (_, s) = super::super::tests::drive(cfg, server.legacy_control_server()?, "server")?;
         let seen = super::super::peer_info(s.peer_certificates())?;
         assert_eq!(
             legacy_names(&seen)
