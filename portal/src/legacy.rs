@@ -222,12 +222,7 @@ async fn run_channel(
 /// Presents `tokenR` and waits for the echo and `Ready !\n`.
 async fn meet(relay: &RelayEndpoint, token: &str, within: Duration) -> Result<TcpStream> {
     let token = token8(token).context("malformed legacy relay token from netportd")?;
-    let addr = format!("{}:{}", relay.address, relay.port);
-    let mut tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addr))
-        .await
-        .with_context(|| format!("connecting to relay {} at {addr} timed out", relay.relay))?
-        .with_context(|| format!("connecting to relay {} at {addr}", relay.relay))?;
-    tcp.set_nodelay(true)?;
+    let mut tcp = crate::link::dial_relay(relay).await?;
     let hello = legacy::encode_relay_hello(&token);
     tcp.write_all(&hello).await?;
     let mut echo = [0u8; legacy::RELAY_HELLO_LEN];

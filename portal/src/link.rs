@@ -141,15 +141,21 @@ impl Links {
     }
 }
 
-/// Connects to a relay port, presents the token and waits until the peer is there too.
-async fn meet(relay: &RelayEndpoint, token: &str, within: Duration) -> Result<TcpStream> {
-    let token = relay::token_from_hex(token).context("malformed token from netportd")?;
+/// Connects to the relay port of `relay`.
+pub(crate) async fn dial_relay(relay: &RelayEndpoint) -> Result<TcpStream> {
     let addr = format!("{}:{}", relay.address, relay.port);
-    let mut tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addr))
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addr))
         .await
         .with_context(|| format!("connecting to relay {} at {addr} timed out", relay.relay))?
         .with_context(|| format!("connecting to relay {} at {addr}", relay.relay))?;
     tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// Connects to a relay port, presents the token and waits until the peer is there too.
+async fn meet(relay: &RelayEndpoint, token: &str, within: Duration) -> Result<TcpStream> {
+    let token = relay::token_from_hex(token).context("malformed token from netportd")?;
+    let mut tcp = dial_relay(relay).await?;
     tcp.write_all(&relay::encode_hello(&token)).await?;
     let mut answer = [0u8; 4];
     tokio::time::timeout(within, tcp.read_exact(&mut answer))

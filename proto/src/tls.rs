@@ -308,12 +308,12 @@ mod tests {
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-    struct Ca {
+    pub(super) struct Ca {
         issuer: Issuer<'static, KeyPair>,
         pem: String,
     }
 
-    fn ca(cn: &str) -> Result<Ca, rcgen::Error> {
+    pub(super) fn ca(cn: &str) -> Result<Ca, rcgen::Error> {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, cn);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -327,10 +327,24 @@ mod tests {
     }
 
     fn portal(ca: &Ca, name: &str) -> Result<Credentials, Box<dyn std::error::Error>> {
+        portal_with_dns(ca, name, &[])
+    }
+
+    /// A portal certificate that also carries the DNS SANs `dns`.
+    pub(super) fn portal_with_dns(
+        ca: &Ca,
+        name: &str,
+        dns: &[&str],
+    ) -> Result<Credentials, Box<dyn std::error::Error>> {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, name);
         params.subject_alt_names =
             vec![SanType::URI(format!("netport://portal/{name}").try_into()?)];
+        for d in dns {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName((*d).try_into()?));
+        }
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,

@@ -544,33 +544,22 @@ impl LegacySystem {
     }
 
     pub fn log(&self, name: &str) -> String {
-        self.daemons
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, d)| d.log_text())
-            .unwrap_or_default()
+        crate::log_of(&self.daemons, name)
     }
 
     pub fn logs(&self) -> String {
-        self.daemons
-            .iter()
-            .map(|(n, d)| format!("==== {n}\n{}", d.log_text()))
-            .collect()
+        crate::logs_of(&self.daemons)
     }
 
     /// Waits until `needle` appears in the log of `name`.
     pub async fn wait_log(&self, name: &str, needle: &str, within: Duration) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + within;
-        while tokio::time::Instant::now() < deadline {
-            if self.log(name).contains(needle) {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        bail!(
-            "`{needle}` never appeared in the {name} log:\n{}",
-            self.logs()
-        )
+        crate::wait_log(self, name, needle, within).await
+    }
+}
+
+impl crate::Daemons for LegacySystem {
+    fn daemons(&self) -> &[(String, Daemon)] {
+        &self.daemons
     }
 }
 

@@ -88,46 +88,18 @@ pub fn names_legacy_server(info: &CertInfo) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose, SanType,
-    };
     use rustls::pki_types::ServerName;
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-    fn ca(cn: &str) -> Result<(Issuer<'static, KeyPair>, String), rcgen::Error> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-        let key = KeyPair::generate()?;
-        let cert = params.self_signed(&key)?;
-        Ok((Issuer::new(params, key), cert.pem()))
-    }
+    use super::super::tests::{ca, portal_with_dns};
 
     fn legacy_portal(
-        ca: &(Issuer<'static, KeyPair>, String),
+        ca: &super::super::tests::Ca,
         name: &str,
         legacy: &str,
     ) -> Result<Credentials, Box<dyn std::error::Error>> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.subject_alt_names = vec![
-            SanType::URI(format!("netport://portal/{name}").try_into()?),
-            SanType::DnsName(legacy.try_into()?),
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &ca.0)?;
-        Ok(Credentials::from_pem(
-            cert.pem().as_bytes(),
-            key.serialize_pem().as_bytes(),
-            ca.1.as_bytes(),
-        )?)
+        portal_with_dns(ca, name, &[legacy])
     }
 
     fn handshake(client: ClientConfig, server: ServerConfig) -> Result<CertInfo, String> {
