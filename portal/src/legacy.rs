@@ -303,13 +303,16 @@ pub async fn serve_incoming(
     let peer = LegacyName::parse(&l.peer_name).context("malformed legacy peer name")?;
     let token_p = token8(&l.token_p).context("malformed tokenP")?;
     let tcp = meet(&relay, &token, Duration::from_secs(15)).await?;
-    let acceptor =
-        tokio_rustls::TlsAcceptor::from(Arc::new(portal.config.credentials.legacy_link_server()?));
-    let mut tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
-        .await
-        .context("legacy link TLS handshake timed out")?
-        .context("legacy link TLS handshake")?;
-    let info = netport_proto::tls::peer_info(tls.get_ref().1.peer_certificates())?;
+    // OpenSSL, not rustls: a Python requester sends our legacy name as SNI (see legacy_tls).
+    let acceptor = crate::legacy_tls::acceptor(&portal.config.credentials)?;
+    let mut tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        crate::legacy_tls::accept(&acceptor, tcp),
+    )
+    .await
+    .context("legacy link TLS handshake timed out")?
+    .context("legacy link TLS handshake")?;
+    let info = crate::legacy_tls::peer_info(&tls)?;
     if !netport_proto::tls::legacy::has_legacy_name(&info, &peer) {
         bail!(
             "legacy link peer names {:?}, but netportd announced {peer}: closing",

@@ -63,6 +63,8 @@ pub struct Credentials {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
+    /// The CA certificates as given, for TLS stacks other than rustls (legacy links).
+    ca: Vec<CertificateDer<'static>>,
     info: CertInfo,
     identity: Identity,
 }
@@ -73,6 +75,7 @@ impl Clone for Credentials {
             chain: self.chain.clone(),
             key: self.key.clone_key(),
             roots: self.roots.clone(),
+            ca: self.ca.clone(),
             info: self.info.clone(),
             identity: self.identity.clone(),
         }
@@ -89,9 +92,10 @@ impl Credentials {
             detail: e.to_string(),
         })?;
         let mut roots = RootCertStore::empty();
-        for ca in certs(ca_pem, "CA certificate")? {
+        let ca = certs(ca_pem, "CA certificate")?;
+        for c in &ca {
             roots
-                .add(ca)
+                .add(c.clone())
                 .map_err(|e| TlsError::Verifier(e.to_string()))?;
         }
         let info = identity::inspect(&chain[0])?;
@@ -103,6 +107,7 @@ impl Credentials {
             chain,
             key,
             roots: Arc::new(roots),
+            ca,
             info,
             identity,
         })

@@ -117,15 +117,14 @@ impl LegacyPortal {
         Ok(c)
     }
 
-    /// The requester's side of a link (TLS client) from a `REPL` about portal `other`.
+    /// The requester's side of a link (TLS client) from a `REPL` about portal `other`. As
+    /// the Python portal does, with OpenSSL: the peer's name is the SNI and the name checked.
     pub async fn link_as_requester(&self, other: Id4, m: &Meeting) -> Result<LinkIo> {
         let tcp = meet_relay(m).await?;
         let mut peer = m.peer;
         peer.id = other;
-        let cfg = self.creds.legacy_link_client(peer)?;
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-        let mut tls = connector
-            .connect(ServerName::try_from("link.invalid")?, tcp)
+        let connector = portal::legacy_tls::connector(&self.creds)?;
+        let mut tls = portal::legacy_tls::connect(&connector, &peer.to_string(), tcp)
             .await
             .context("link TLS as client")?;
         // The TLS server speaks first: tokenP[0..4]; the client answers tokenP[4..8].
@@ -136,12 +135,14 @@ impl LegacyPortal {
         Ok(LinkIo::new(Box::new(tls)))
     }
 
-    /// The `CLKR` receiver's side of a link (TLS server).
+    /// The `CLKR` receiver's side of a link (TLS server), with OpenSSL as the Python portal.
     pub async fn link_as_receiver(&self, m: &Meeting) -> Result<LinkIo> {
         let tcp = meet_relay(m).await?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(self.creds.legacy_link_server()?));
-        let mut tls = acceptor.accept(tcp).await.context("link TLS as server")?;
-        let info = netport_proto::tls::peer_info(tls.get_ref().1.peer_certificates())?;
+        let acceptor = portal::legacy_tls::acceptor(&self.creds)?;
+        let mut tls = portal::legacy_tls::accept(&acceptor, tcp)
+            .await
+            .context("link TLS as server")?;
+        let info = portal::legacy_tls::peer_info(&tls)?;
         ensure!(
             netport_proto::tls::legacy::has_legacy_name(&info, &m.peer),
             "the requester's certificate is not named {}",

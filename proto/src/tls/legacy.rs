@@ -4,12 +4,13 @@
 //! a valid DNS name: rustls refuses it as a
 //! [`ServerName`](rustls::pki_types::ServerName), so the client side of a link to a
 //! legacy portal uses [`ExactPeerVerifier`], which checks the chain against the Netport CA
-//! exactly as the default verifier does and then compares that one SAN. The
-//! serving side accepts any client certificate of the CA; the caller compares the name with
+//! exactly as the default verifier does and then compares that one SAN. A server side
+//! accepts any client certificate of the CA; the caller compares the name with
 //! [`has_legacy_name`] after the handshake.
 
 use std::sync::Arc;
 
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, ServerConfig};
 
 use super::{Credentials, ExactPeerVerifier, Expected, TlsError, provider};
@@ -22,18 +23,9 @@ const VERSIONS: &[&rustls::SupportedProtocolVersion] =
 impl Credentials {
     /// netportd's legacy listener: client certificates of the Netport CA required; the
     /// certificate presented should carry the DNS name `server`, which legacy portals check.
+    /// (Not for the server side of legacy links: a Python portal sends the link peer's
+    /// `ID|IDV|USER|USERV` name as SNI there, which rustls refuses; the portal uses OpenSSL.)
     pub fn legacy_control_server(&self) -> Result<ServerConfig, TlsError> {
-        self.legacy_server()
-    }
-
-    /// A Rust portal serving a link to a legacy portal (the `CLKR` receiver is the TLS
-    /// server): any client certificate of the CA passes the handshake; then check
-    /// [`has_legacy_name`] on the peer.
-    pub fn legacy_link_server(&self) -> Result<ServerConfig, TlsError> {
-        self.legacy_server()
-    }
-
-    fn legacy_server(&self) -> Result<ServerConfig, TlsError> {
         Ok(ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(VERSIONS)?
             .with_client_cert_verifier(self.client_verifier()?)
@@ -53,6 +45,22 @@ impl Credentials {
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?)
+    }
+
+    /// The certificate chain (leaf first), DER, for a TLS stack other than rustls: a legacy
+    /// portal sends its peer's name as SNI, which rustls refuses as a server.
+    pub fn chain_der(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// The private key, DER (PKCS#8, SEC1 or PKCS#1 as it was read).
+    pub fn key_der(&self) -> &PrivateKeyDer<'static> {
+        &self.key
+    }
+
+    /// The Netport CA certificates, DER.
+    pub fn ca_der(&self) -> &[CertificateDer<'static>] {
+        &self.ca
     }
 
     /// The legacy name this certificate carries, if any (the first valid one).
@@ -130,7 +138,7 @@ mod tests {
             Some(CAM)
         );
         let want = LegacyName::parse(NAS).ok_or("name")?;
-        let seen = handshake(cam.legacy_link_client(want)?, nas.legacy_link_server()?)?;
+        let seen = handshake(cam.legacy_link_client(want)?, nas.legacy_control_server()?)?;
         // The serving side then checks the client's name the same way.
         assert!(has_legacy_name(
             &seen,
@@ -139,7 +147,7 @@ mod tests {
         assert!(!has_legacy_name(&seen, &want));
 
         let other = LegacyName::parse("01020304|00000009|11223344|00000002").ok_or("name")?;
-        let err = handshake(cam.legacy_link_client(other)?, nas.legacy_link_server()?)
+        let err = handshake(cam.legacy_link_client(other)?, nas.legacy_control_server()?)
             .err()
             .ok_or("a wrong IDV was accepted")?;
         assert!(err.contains("expected 01020304|00000009"), "{err}");
@@ -156,7 +164,7 @@ mod tests {
         assert!(
             handshake(
                 cam.legacy_link_client(nas_name)?,
-                fake_nas.legacy_link_server()?
+                fake_nas.legacy_control_server()?
             )
             .is_err()
         );
@@ -165,7 +173,7 @@ mod tests {
         assert!(
             handshake(
                 fake_nas.legacy_link_client(cam_name)?,
-                real_nas.legacy_link_server()?
+                real_nas.legacy_control_server()?
             )
             .is_err()
         );
