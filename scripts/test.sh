@@ -16,15 +16,7 @@ if ! command -v git >/dev/null; then
   fi
 fi
 
-# The portal links to legacy (Python) portals with OpenSSL: the openssl crate builds against the
-# system library.
-if ! pkg-config --exists openssl 2>/dev/null; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq libssl-dev pkg-config
-  else
-    echo "error: OpenSSL headers not found; install them (apt-get install libssl-dev pkg-config)" >&2; exit 2
-  fi
-fi
+scripts/need-openssl.sh
 
 # One debug build serves every test binary, the CLI tests and the examples check.
 cargo build --workspace --all-targets --locked
