@@ -33,6 +33,9 @@ const DATA_CHUNK: usize = 16 * 1024 - 16;
 /// A keepalive goes out this often.
 const KEEPALIVE: Duration = Duration::from_secs(10);
 
+/// A link silent this long is gone: the peer sends keepalives about every 10 s.
+const SILENCE: Duration = Duration::from_secs(45);
+
 struct Chan {
     /// Data for the local socket; dropped when the peer half-closes.
     data: Option<mpsc::UnboundedSender<Vec<u8>>>,
@@ -422,10 +425,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
 ) -> Result<()> {
     loop {
         let mut head = [0u8; legacy::LINK_HEADER];
-        match rd.read_exact(&mut head).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
+        match tokio::time::timeout(SILENCE, rd.read_exact(&mut head)).await {
+            Err(_) => bail!("the legacy peer was silent for {} s", SILENCE.as_secs()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(Err(e)) => return Err(e.into()),
         }
         let mut payload = vec![0u8; usize::from(u16::from_le_bytes([head[0], head[1]]))];
         rd.read_exact(&mut payload).await?;

@@ -449,6 +449,7 @@ pub struct LegacySystem {
     pub legacy_addr: SocketAddr,
     pub daemons: Vec<(String, Daemon)>,
     pub relay_ports: (u16, u16),
+    relay_toml: String,
 }
 
 impl LegacySystem {
@@ -464,11 +465,12 @@ impl LegacySystem {
         let dir = pki.dir.path().to_path_buf();
         let (first, last) = free_port_range(20)?;
         std::fs::create_dir_all(dir.join("policy"))?;
+        let relay_toml = format!(
+            "\n[[relay]]\nname = \"relay-1\"\naddress = \"127.0.0.1\"\nports = \"{first}-{last}\"\n"
+        );
         std::fs::write(
             dir.join("policy/policy.toml"),
-            format!(
-                "{policy}\n[[relay]]\nname = \"relay-1\"\naddress = \"127.0.0.1\"\nports = \"{first}-{last}\"\n"
-            ),
+            format!("{policy}{relay_toml}"),
         )?;
         // One certificate for both listeners: the native name and `server` for legacy portals.
         let server = pki.write(pki.ca.issue(&IssueRequest {
@@ -520,7 +522,17 @@ impl LegacySystem {
             legacy_addr,
             daemons,
             relay_ports: (first, last),
+            relay_toml,
         })
+    }
+
+    /// Replaces the policy (the relay stays), writing a temporary file and renaming it.
+    pub fn set_policy(&self, policy: &str) -> Result<()> {
+        let dir = self.pki.dir.path().join("policy");
+        let tmp = dir.join(".policy.toml.tmp");
+        std::fs::write(&tmp, format!("{policy}{}", self.relay_toml))?;
+        std::fs::rename(&tmp, dir.join("policy.toml"))?;
+        Ok(())
     }
 
     /// Starts a native portal with certificate `files`.

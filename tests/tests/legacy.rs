@@ -635,3 +635,72 @@ fn ca_issue_adds_the_legacy_name_for_portals_only() -> Result<()> {
     ensure!(code == Some(2) && err.contains("8 hex digits"), "{err}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_cuts_a_legacy_link_no_longer_allowed_and_a_removed_legacy_portal() -> Result<()> {
+    let (sys, echo, listen) = system(true, 10, 45).await?;
+    let cam = LegacyPortal::issue(&sys.pki, "cam", name(CAM)?)?;
+    let nas = LegacyPortal::issue(&sys.pki, "nas", name(NAS)?)?;
+    let mut c = cam.login(sys.legacy_addr).await?;
+    let mut n = nas.login(sys.legacy_addr).await?;
+    sys.wait_log("netportd", "portal connected (legacy V0.1) portal=nas", T)
+        .await?;
+    let Command::Granted(repl) = c.request_link(name(NAS)?.id).await? else {
+        bail!("link refused:\n{}", sys.logs());
+    };
+    let clkr = n.wait_clkr(T).await?;
+    let (client, server) = tokio::join!(
+        cam.link_as_requester(name(NAS)?.id, &repl),
+        nas.link_as_receiver(&clkr)
+    );
+    let mut client = client?;
+    let _serving = serve_channels(server?);
+    let (eh, ep) = echo.rsplit_once(':').context("echo address")?;
+    let dst = open_channel(&mut client, 1, ep.parse()?, eh).await?;
+    ensure!(dst != 0, "the channel open failed");
+
+    // cam loses its only grant on nas: the link is cut at the relay.
+    let without_grant =
+        policy(&echo, listen).replace("from = [\"cam\", \"alice\"]", "from = [\"alice\"]");
+    sys.set_policy(&without_grant)?;
+    sys.wait_log("netportd", "closing a link the policy no longer allows", T)
+        .await?;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        ensure!(tokio::time::Instant::now() < deadline, "the link stayed up");
+        match client.recv_frame(T).await {
+            Ok(_) => continue,
+            Err(_) => break,
+        }
+    }
+    // And new requests are denied.
+    ensure!(c.request_link(name(NAS)?.id).await? == Command::Deny);
+
+    // cam leaves the policy: its control connection is closed.
+    let without_cam = without_grant.replace(
+        "[[portal]]\nname = \"cam\"\nlegacy_id = \"0A0B0C0D\"\nlegacy_user = \"11223344\"\n",
+        "",
+    );
+    ensure!(
+        without_cam != without_grant,
+        "the test policy did not change"
+    );
+    sys.set_policy(&without_cam)?;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "cam stayed connected"
+        );
+        match c.recv(T).await {
+            Ok(m) if m.command == Command::KeepAlive => {}
+            Ok(m) => bail!("unexpected {m:?}"),
+            Err(_) => break,
+        }
+    }
+    sys.wait_log("netportd", "cutting off legacy portal", T)
+        .await?;
+    // nas is untouched.
+    n.keepalive().await?;
+    Ok(())
+}
