@@ -36,9 +36,18 @@ const KEEPALIVE: Duration = Duration::from_secs(10);
 /// A link silent this long is gone: the peer sends keepalives about every 10 s.
 const SILENCE: Duration = Duration::from_secs(45);
 
+/// Frames queued per direction before a sender waits: bounds the memory a link holds.
+const QUEUE: usize = 64;
+
+/// How long the peer's data may wait for a slow local socket before its channel is aborted
+/// (the protocol has no flow control; the legacy portal gives a socket 1 s).
+const STALL: Duration = Duration::from_secs(5);
+
 struct Chan {
     /// Data for the local socket; dropped when the peer half-closes.
-    data: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    data: Option<mpsc::Sender<Vec<u8>>>,
+    /// The peer's channel number (0 until the peer answered the open).
+    peer: u16,
     abort: CancellationToken,
 }
 
@@ -53,21 +62,38 @@ struct State {
 
 /// One running legacy link.
 struct Shared {
-    out: mpsc::UnboundedSender<Vec<u8>>,
+    /// Answers and requests of the link itself; they go out before queued data.
+    ctl: mpsc::UnboundedSender<Vec<u8>>,
+    /// Channel data, and each channel's own half-close or abort after its data, in order.
+    data: mpsc::Sender<Vec<u8>>,
     state: Mutex<State>,
     cancel: CancellationToken,
 }
 
+fn frame(ch: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(4 + payload.len());
+    // Payloads here are at most DATA_CHUNK or a control message: always a valid frame.
+    let _ = legacy::encode_link_frame(ch, payload, &mut frame);
+    frame
+}
+
 impl Shared {
-    fn send(&self, ch: u16, payload: &[u8]) {
-        let mut frame = Vec::with_capacity(4 + payload.len());
-        if legacy::encode_link_frame(ch, payload, &mut frame).is_ok() {
-            let _ = self.out.send(frame);
-        }
+    /// A control message that does not follow any channel's data.
+    fn control(&self, m: &LinkControl) {
+        let _ = self.ctl.send(frame(0, &legacy::encode_link_control(m)));
     }
 
-    fn control(&self, m: &LinkControl) {
-        self.send(0, &legacy::encode_link_control(m));
+    /// Channel data, waiting while the queue is full; `false` when the link is gone.
+    async fn send_data(&self, ch: u16, payload: &[u8]) -> bool {
+        self.data.send(frame(ch, payload)).await.is_ok()
+    }
+
+    /// A channel's half-close or abort, after the data it queued.
+    async fn send_after_data(&self, m: &LinkControl) {
+        let _ = self
+            .data
+            .send(frame(0, &legacy::encode_link_control(m)))
+            .await;
     }
 
     fn req(&self) -> u32 {
@@ -77,18 +103,19 @@ impl Shared {
     }
 
     /// A free channel number (never 0) with its entry.
-    fn new_channel(&self) -> Option<(u16, mpsc::UnboundedReceiver<Vec<u8>>, CancellationToken)> {
+    fn new_channel(&self, peer: u16) -> Option<(u16, mpsc::Receiver<Vec<u8>>, CancellationToken)> {
         let mut s = lock(&self.state);
         for _ in 0..u16::MAX {
             s.next_ch = s.next_ch.wrapping_add(1).max(1);
             let ch = s.next_ch;
             if !s.channels.contains_key(&ch) && !s.pending.contains_key(&ch) {
-                let (tx, rx) = mpsc::unbounded_channel();
+                let (tx, rx) = mpsc::channel(QUEUE);
                 let abort = self.cancel.child_token();
                 s.channels.insert(
                     ch,
                     Chan {
                         data: Some(tx),
+                        peer,
                         abort: abort.clone(),
                     },
                 );
@@ -135,7 +162,7 @@ impl Opener {
             split_target(&target).with_context(|| format!("target {target} is not host:port"))?;
         let shared = &self.shared;
         let (mine, rx, abort) = shared
-            .new_channel()
+            .new_channel(0)
             .ok_or_else(|| anyhow!("no free channel on the link"))?;
         let (tx, answer) = oneshot::channel();
         lock(&shared.state).pending.insert(mine, tx);
@@ -151,7 +178,12 @@ impl Opener {
         };
         lock(&shared.state).pending.remove(&mine);
         let peer = match peer {
-            Some(ch) if ch != 0 => ch,
+            Some(ch) if ch != 0 => {
+                if let Some(c) = lock(&shared.state).channels.get_mut(&mine) {
+                    c.peer = ch;
+                }
+                ch
+            }
             Some(_) => {
                 lock(&shared.state).channels.remove(&mine);
                 bail!("the legacy peer refused to open {target}");
@@ -185,7 +217,7 @@ async fn run_channel(
     mine: u16,
     peer: u16,
     tcp: TcpStream,
-    mut data: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut data: mpsc::Receiver<Vec<u8>>,
     abort: CancellationToken,
 ) {
     let _ = tcp.set_nodelay(true);
@@ -195,14 +227,18 @@ async fn run_channel(
         loop {
             let n = r.read(&mut buf).await?;
             if n == 0 {
-                shared.control(&LinkControl::HalfClose {
-                    req: shared.req(),
-                    dst: peer,
-                    src: mine,
-                });
+                shared
+                    .send_after_data(&LinkControl::HalfClose {
+                        req: shared.req(),
+                        dst: peer,
+                        src: mine,
+                    })
+                    .await;
                 return Ok::<_, std::io::Error>(());
             }
-            shared.send(peer, &buf[..n]);
+            if !shared.send_data(peer, &buf[..n]).await {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
         }
     };
     let down = async {
@@ -214,7 +250,7 @@ async fn run_channel(
     tokio::select! {
         r = async { tokio::try_join!(up, down) } => {
             if r.is_err() {
-                shared.control(&LinkControl::Abort { req: shared.req(), dst: peer, src: mine });
+                shared.send_after_data(&LinkControl::Abort { req: shared.req(), dst: peer, src: mine }).await;
             }
         }
         _ = abort.cancelled() => {}
@@ -373,9 +409,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(io);
-    let (out, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (ctl, mut ctl_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (data, mut data_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
     let shared = Arc::new(Shared {
-        out,
+        ctl,
+        data,
         state: Mutex::default(),
         cancel: CancellationToken::new(),
     });
@@ -390,9 +428,11 @@ where
         );
         loop {
             let frame = tokio::select! {
-                f = out_rx.recv() => match f { Some(f) => f, None => break },
-                _ = tick.tick() => keepalive.clone(),
+                biased;
                 _ = cancel.cancelled() => break,
+                f = ctl_rx.recv() => match f { Some(f) => f, None => break },
+                f = data_rx.recv() => match f { Some(f) => f, None => break },
+                _ = tick.tick() => keepalive.clone(),
             };
             // One write per frame: one TLS record each.
             if wr.write_all(&frame).await.is_err() || wr.flush().await.is_err() {
@@ -441,7 +481,27 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 .and_then(|c| c.data.clone());
             match data {
                 Some(tx) => {
-                    let _ = tx.send(payload);
+                    // No flow control in V0.1: a local socket that cannot keep up loses its
+                    // channel rather than stalling the whole link forever.
+                    if !matches!(
+                        tokio::time::timeout(STALL, tx.send(payload)).await,
+                        Ok(Ok(()))
+                    ) {
+                        let gone = lock(&shared.state).channels.remove(&ch);
+                        if let Some(c) = gone {
+                            tracing::warn!(
+                                link_id,
+                                ch,
+                                "local socket stalled: aborting the channel"
+                            );
+                            c.abort.cancel();
+                            shared.control(&LinkControl::Abort {
+                                req: shared.req(),
+                                dst: c.peer,
+                                src: ch,
+                            });
+                        }
+                    }
                 }
                 None => tracing::debug!(link_id, ch, "data for a closed channel dropped"),
             }
@@ -534,7 +594,7 @@ fn open_served(
                 return;
             }
         };
-        let Some((mine, rx, abort)) = shared.new_channel() else {
+        let Some((mine, rx, abort)) = shared.new_channel(src) else {
             shared.control(&LinkControl::Opened { req, src, new: 0 });
             return;
         };
