@@ -168,20 +168,15 @@ async fn session(
     let login = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut rd))
         .await
         .context("no login within 10 s")??;
-    let refuse = |why: String| async move {
-        tracing::warn!(%peer, "legacy login refused: {why}");
-        // Anything but `V0.1REPL.OK.` is a failure to the legacy portal.
-        let reply = legacy::encode_control_frame(b"V0.1REPLDENY").unwrap_or_default();
-        (reply, anyhow!("legacy login refused: {why}"))
-    };
-    let checked = check_login(&server, &login, &info);
-    let (name, me) = match checked {
+    let (name, me) = match check_login(&server, &login, &info) {
         Ok(ok) => ok,
         Err(why) => {
-            let (reply, err) = refuse(why).await;
+            tracing::warn!(%peer, "legacy login refused: {why}");
+            // Anything but `V0.1REPL.OK.` is a failure to the legacy portal.
+            let reply = legacy::encode_control_frame(b"V0.1REPLDENY").unwrap_or_default();
             let _ = wr.write_all(&reply).await;
             let _ = wr.shutdown().await;
-            return Err(err);
+            bail!("legacy login refused: {why}");
         }
     };
     let frame_ok = legacy::encode_control_frame(AUTH_OK).unwrap_or_default();
