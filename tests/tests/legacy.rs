@@ -704,3 +704,68 @@ async fn a_reload_cuts_a_legacy_link_no_longer_allowed_and_a_removed_legacy_port
     n.keepalive().await?;
     Ok(())
 }
+
+/// CPython's own `ssl` module (what the original portal uses) logs in, asks for a link and
+/// gets its keepalive echoed, with one fixed-size read per header and per payload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpython_ssl_client_logs_in_and_is_answered() -> Result<()> {
+    if std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("SKIPPED cpython_ssl_client_logs_in_and_is_answered: python3 not installed");
+        return Ok(());
+    }
+    let (sys, _, _) = system(false, 10, 45).await?;
+    let files = sys.pki.write(sys.pki.ca.issue(&IssueRequest {
+        legacy: Some(name(CAM)?),
+        ..IssueRequest::new(Role::Portal, "cam", 30)
+    })?)?;
+    let script = r#"
+import socket, ssl, struct, sys
+ca, cert, key, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+ctx = ssl.create_default_context(cafile=ca)
+ctx.load_cert_chain(cert, key)
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="server")
+def send(p):
+    s.sendall(struct.pack("<H", len(p)) + b".." + p)
+def recv():
+    h = s.recv(4)
+    n = struct.unpack("<H", h[:2])[0]
+    return s.recv(n) if n else b""
+send(b"V0.1AUTH" + bytes.fromhex("0A0B0C0D") + bytes.fromhex("11223344"))
+print(recv().hex())
+send(b"\x07\x00\x00\x00RQRL" + bytes.fromhex("01020304") + b"seedseed")
+print(recv().hex())
+send(b"...." + b".KA.")
+print(recv().hex())
+"#;
+    // netportd is another process: blocking this test's thread for the script is harmless.
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(sys.pki.ca_path())
+        .arg(&files.cert)
+        .arg(&files.key)
+        .arg(sys.legacy_addr.port().to_string())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "python failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        sys.logs()
+    );
+    let lines: Vec<Vec<u8>> = stdout.lines().map(hex::decode).collect::<Result<_, _>>()?;
+    ensure!(lines.len() == 3, "{stdout}");
+    ensure!(lines[0] == legacy::AUTH_OK, "login: {stdout}");
+    // nas is not connected: NFND, with the request's ref echoed.
+    ensure!(lines[1] == b"\x07\x00\x00\x00REPLNFND", "RQRL: {stdout}");
+    // ref `....`, cmd `.KA.`
+    ensure!(
+        lines[2] == [&b"...."[..], b".KA."].concat(),
+        "keepalive: {stdout}"
+    );
+    Ok(())
+}
