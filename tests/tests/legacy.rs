@@ -319,10 +319,16 @@ async fn echo_through(
     Ok((LinkIo { rd, wr }, back))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn legacy_link_carries_a_mebibyte_each_way_half_closes_aborts_and_spends_its_token()
--> Result<()> {
-    let (sys, echo, _) = system(true, 10, 45).await?;
+/// cam and nas (both legacy) logged in, and a link from cam to nas up, nas serving channels.
+struct CamToNas {
+    c: netport_e2e::legacy_portal::LegacyControl,
+    n: netport_e2e::legacy_portal::LegacyControl,
+    repl: legacy::Meeting,
+    client: LinkIo,
+    _serving: tokio::task::JoinHandle<()>,
+}
+
+async fn cam_to_nas(sys: &LegacySystem) -> Result<CamToNas> {
     let cam = LegacyPortal::issue(&sys.pki, "cam", name(CAM)?)?;
     let nas = LegacyPortal::issue(&sys.pki, "nas", name(NAS)?)?;
     let mut c = cam.login(sys.legacy_addr).await?;
@@ -333,13 +339,26 @@ async fn legacy_link_carries_a_mebibyte_each_way_half_closes_aborts_and_spends_i
         bail!("link refused:\n{}", sys.logs());
     };
     let clkr = n.wait_clkr(T).await?;
-    let nas_id = name(NAS)?.id;
     let (client, server) = tokio::join!(
-        cam.link_as_requester(nas_id, &repl),
+        cam.link_as_requester(name(NAS)?.id, &repl),
         nas.link_as_receiver(&clkr)
     );
-    let mut client = client.context("requester side")?;
-    let _serving = serve_channels(server.context("receiver side")?);
+    Ok(CamToNas {
+        c,
+        n,
+        repl,
+        client: client.context("requester side")?,
+        _serving: serve_channels(server.context("receiver side")?),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_link_carries_a_mebibyte_each_way_half_closes_aborts_and_spends_its_token()
+-> Result<()> {
+    let (sys, echo, _) = system(true, 10, 45).await?;
+    let CamToNas {
+        repl, mut client, ..
+    } = cam_to_nas(&sys).await?;
 
     // The token is spent: a third hello with it, or another token, gets `Bad T !`.
     for token in [repl.token_r, *b"guessed!"] {
@@ -639,22 +658,12 @@ fn ca_issue_adds_the_legacy_name_for_portals_only() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_cuts_a_legacy_link_no_longer_allowed_and_a_removed_legacy_portal() -> Result<()> {
     let (sys, echo, listen) = system(true, 10, 45).await?;
-    let cam = LegacyPortal::issue(&sys.pki, "cam", name(CAM)?)?;
-    let nas = LegacyPortal::issue(&sys.pki, "nas", name(NAS)?)?;
-    let mut c = cam.login(sys.legacy_addr).await?;
-    let mut n = nas.login(sys.legacy_addr).await?;
-    sys.wait_log("netportd", "portal connected (legacy V0.1) portal=nas", T)
-        .await?;
-    let Command::Granted(repl) = c.request_link(name(NAS)?.id).await? else {
-        bail!("link refused:\n{}", sys.logs());
-    };
-    let clkr = n.wait_clkr(T).await?;
-    let (client, server) = tokio::join!(
-        cam.link_as_requester(name(NAS)?.id, &repl),
-        nas.link_as_receiver(&clkr)
-    );
-    let mut client = client?;
-    let _serving = serve_channels(server?);
+    let CamToNas {
+        mut c,
+        mut n,
+        mut client,
+        ..
+    } = cam_to_nas(&sys).await?;
     let (eh, ep) = echo.rsplit_once(':').context("echo address")?;
     let dst = open_channel(&mut client, 1, ep.parse()?, eh).await?;
     ensure!(dst != 0, "the channel open failed");
