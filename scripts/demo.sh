@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
+scripts/need-openssl.sh
 cargo build --release --locked -p netportd -p relayd -p portal
 np=./target/release/netportd
 

@@ -16,6 +16,8 @@ if ! command -v git >/dev/null; then
   fi
 fi
 
+scripts/need-openssl.sh
+
 # One debug build serves every test binary, the CLI tests and the examples check.
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked --no-fail-fast

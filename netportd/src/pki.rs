@@ -99,6 +99,9 @@ pub enum PkiError {
         "DNS names and IP addresses go only into server certificates; a {0} is identified by its netport:// URI alone"
     )]
     HostNamesNotAllowed(Role),
+    /// A legacy name on a certificate that is not a portal's.
+    #[error("a legacy ID|IDV|USER|USERV name goes only into portal certificates, not a {0}'s")]
+    LegacyNotAllowed(Role),
     /// A DNS name that is not one.
     #[error("invalid DNS name {0:?}: expected a host name such as netport.example.net")]
     InvalidDnsName(String),
@@ -286,6 +289,16 @@ impl Ca {
         params
             .subject_alt_names
             .extend(req.ips.iter().copied().map(SanType::IpAddress));
+        if let Some(legacy) = &req.legacy {
+            if req.role != Role::Portal {
+                return Err(PkiError::LegacyNotAllowed(req.role));
+            }
+            // Not a valid DNS name (`|`), but what legacy portals check; rcgen takes any
+            // IA5 string here.
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(legacy.to_string().as_str().try_into()?));
+        }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -329,6 +342,8 @@ pub struct IssueRequest {
     pub dns: Vec<String>,
     /// IP addresses (server certificates only).
     pub ips: Vec<IpAddr>,
+    /// A legacy (V0.1) portal's `ID|IDV|USER|USERV`, added as a DNS SAN (portals only).
+    pub legacy: Option<netport_proto::legacy::LegacyName>,
 }
 
 impl IssueRequest {
@@ -343,6 +358,7 @@ impl IssueRequest {
             not_after: now + Duration::days(days.into()),
             dns: Vec::new(),
             ips: Vec::new(),
+            legacy: None,
         }
     }
 }
@@ -605,6 +621,30 @@ mod tests {
 
     fn at(unix: i64) -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp(unix).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn legacy_portal_certificate_carries_the_pipe_name_and_only_portals_get_one() -> TestResult {
+        let ca = Ca::generate(30)?;
+        let name = netport_proto::legacy::LegacyName::parse("0A0B0C0D|00000001|11223344|00000002")
+            .ok_or("name")?;
+        let issued = ca.issue(&IssueRequest {
+            legacy: Some(name),
+            ..IssueRequest::new(Role::Portal, "cam", 10)
+        })?;
+        assert_eq!(
+            issued.info.dns_names,
+            ["0A0B0C0D|00000001|11223344|00000002"]
+        );
+        assert_eq!(issued.identity.uri(), "netport://portal/cam");
+        assert!(matches!(
+            ca.issue(&IssueRequest {
+                legacy: Some(name),
+                ..IssueRequest::new(Role::Relay, "r", 10)
+            }),
+            Err(PkiError::LegacyNotAllowed(Role::Relay))
+        ));
+        Ok(())
     }
 
     #[test]

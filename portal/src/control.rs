@@ -96,6 +96,14 @@ async fn session(
                         Message::LinkOffer { request_id, .. } | Message::LinkDenied { request_id, .. } => {
                             portal.answer(request_id, msg);
                         }
+                        Message::LinkIncoming { link_id, peer, relay, token, grants, legacy: Some(l), .. } => {
+                            let portal = portal.clone();
+                            tokio::spawn(async move {
+                                if let Err(e) = crate::legacy::serve_incoming(portal, link_id, relay, token, grants, l).await {
+                                    tracing::warn!(link_id, %peer, "incoming legacy link failed: {e:#}");
+                                }
+                            });
+                        }
                         Message::LinkIncoming { link_id, peer, relay, token, grants, .. } => {
                             let portal = portal.clone();
                             tokio::spawn(async move {

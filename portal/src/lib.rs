@@ -8,6 +8,8 @@
 
 pub mod config;
 mod control;
+mod legacy;
+pub mod legacy_tls;
 mod link;
 mod listeners;
 pub mod mux;

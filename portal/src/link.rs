@@ -30,11 +30,34 @@ const OPEN_OK: u8 = 0;
 const OPEN_NOT_GRANTED: u8 = 1;
 const OPEN_DIAL_FAILED: u8 = 2;
 
+/// How a client link opens streams: yamux to a Rust portal, V0.1 channels to a legacy one.
+#[derive(Clone, Debug)]
+enum LinkOpener {
+    Native(Opener),
+    Legacy(crate::legacy::Opener),
+}
+
+impl LinkOpener {
+    fn close(&self) {
+        match self {
+            LinkOpener::Native(o) => o.close(),
+            LinkOpener::Legacy(o) => o.close(),
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            LinkOpener::Native(o) => o.is_closed(),
+            LinkOpener::Legacy(o) => o.is_closed(),
+        }
+    }
+}
+
 /// A client link: a handle that opens streams, and whether it still runs.
 #[derive(Clone)]
 struct ClientLink {
     link_id: u64,
-    opener: Opener,
+    opener: LinkOpener,
     dead: Arc<AtomicBool>,
     /// Streams open on the link; the idle watcher closes a link that has none for a while.
     active: Arc<std::sync::atomic::AtomicUsize>,
@@ -57,16 +80,16 @@ impl Drop for Active {
 }
 
 /// The grants of a served link (replaced when the policy changes).
-type SharedGrants = Arc<RwLock<Vec<LinkGrant>>>;
+pub(crate) type SharedGrants = Arc<RwLock<Vec<LinkGrant>>>;
 
 /// Open streams of a served link, by service, so a narrowed grant can close them.
-type OpenStreams = Arc<Mutex<Vec<(String, CancellationToken)>>>;
+pub(crate) type OpenStreams = Arc<Mutex<Vec<(String, CancellationToken)>>>;
 
 /// A link this portal serves.
-struct Served {
-    grants: SharedGrants,
-    streams: OpenStreams,
-    task: tokio::task::AbortHandle,
+pub(crate) struct Served {
+    pub(crate) grants: SharedGrants,
+    pub(crate) streams: OpenStreams,
+    pub(crate) task: tokio::task::AbortHandle,
 }
 
 /// Link state of a portal.
@@ -75,7 +98,7 @@ pub struct Links {
     /// One setup lock per serving portal, so concurrent first connections share one link.
     client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<ClientLink>>>>>,
     /// The links this portal serves, by link id.
-    served: Mutex<HashMap<u64, Served>>,
+    pub(crate) served: Mutex<HashMap<u64, Served>>,
 }
 
 impl Links {
@@ -119,15 +142,21 @@ impl Links {
     }
 }
 
-/// Connects to a relay port, presents the token and waits until the peer is there too.
-async fn meet(relay: &RelayEndpoint, token: &str, within: Duration) -> Result<TcpStream> {
-    let token = relay::token_from_hex(token).context("malformed token from netportd")?;
+/// Connects to the relay port of `relay`.
+pub(crate) async fn dial_relay(relay: &RelayEndpoint) -> Result<TcpStream> {
     let addr = format!("{}:{}", relay.address, relay.port);
-    let mut tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addr))
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addr))
         .await
         .with_context(|| format!("connecting to relay {} at {addr} timed out", relay.relay))?
         .with_context(|| format!("connecting to relay {} at {addr}", relay.relay))?;
     tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// Connects to a relay port, presents the token and waits until the peer is there too.
+async fn meet(relay: &RelayEndpoint, token: &str, within: Duration) -> Result<TcpStream> {
+    let token = relay::token_from_hex(token).context("malformed token from netportd")?;
+    let mut tcp = dial_relay(relay).await?;
     tcp.write_all(&relay::encode_hello(&token)).await?;
     let mut answer = [0u8; 4];
     tokio::time::timeout(within, tcp.read_exact(&mut answer))
@@ -155,7 +184,15 @@ pub async fn carry(
     for _ in 0..2 {
         let link = client_link(&portal, spec).await?;
         let active = Active::new(&link.active);
-        match link.opener.open().await {
+        let opener = match &link.opener {
+            LinkOpener::Native(o) => o,
+            LinkOpener::Legacy(o) => {
+                let carried = o.carry(&spec.service, tcp).await;
+                drop(active);
+                return carried;
+            }
+        };
+        match opener.open().await {
             Ok(s) => {
                 stream = Some(s);
                 guard = Some(active);
@@ -241,15 +278,16 @@ async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Client
             Duration::from_secs(15),
         )
         .await?;
-    let (link_id, peer, relay, token, expires_in_ms) = match answer {
+    let (link_id, peer, relay, token, expires_in_ms, legacy) = match answer {
         Message::LinkOffer {
             link_id,
             peer,
             relay,
             token,
             expires_in_ms,
+            legacy,
             ..
-        } => (link_id, peer, relay, token, expires_in_ms),
+        } => (link_id, peer, relay, token, expires_in_ms, legacy),
         Message::LinkDenied {
             reason,
             rule,
@@ -269,12 +307,33 @@ async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Client
             spec.serving_portal
         );
     }
-    let tcp = meet(
-        &relay,
-        &token,
-        Duration::from_millis(expires_in_ms.max(1000)),
-    )
-    .await?;
+    let within = Duration::from_millis(expires_in_ms.max(1000));
+    if let Some(l) = legacy {
+        let dead = Arc::new(AtomicBool::new(false));
+        let flag = dead.clone();
+        let opener =
+            crate::legacy::connect(portal, link_id, &relay, &token, l, within, move |why| {
+                flag.store(true, Ordering::Relaxed);
+                tracing::info!(link_id, "legacy link ended: {why}");
+            })
+            .await?;
+        let link = ClientLink {
+            link_id,
+            opener: LinkOpener::Legacy(opener),
+            dead,
+            active: Arc::default(),
+        };
+        watch_idle(
+            link_id,
+            link.opener.clone(),
+            link.active.clone(),
+            link.dead.clone(),
+            portal.config.link_idle,
+        );
+        *guard = Some(link.clone());
+        return Ok(link);
+    }
+    let tcp = meet(&relay, &token, within).await?;
     let expected = Identity::new(Role::Portal, peer.clone())?;
     let tls = portal.config.credentials.link_client(expected)?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
@@ -299,14 +358,14 @@ async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Client
     let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     watch_idle(
         link_id,
-        opener.clone(),
+        LinkOpener::Native(opener.clone()),
         active.clone(),
         dead.clone(),
         portal.config.link_idle,
     );
     let link = ClientLink {
         link_id,
-        opener,
+        opener: LinkOpener::Native(opener),
         dead,
         active,
     };
@@ -317,7 +376,7 @@ async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Client
 /// Closes a client link that has carried no stream for `idle`.
 fn watch_idle(
     link_id: u64,
-    opener: Opener,
+    opener: LinkOpener,
     active: Arc<std::sync::atomic::AtomicUsize>,
     dead: Arc<AtomicBool>,
     idle: Duration,

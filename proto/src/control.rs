@@ -56,6 +56,21 @@ pub struct LinkGrant {
     pub transport: Transport,
 }
 
+/// A link whose other end is a legacy (V0.1) portal: the legacy link protocol replaces TLS
+/// identity URIs, the relay hello and the stream multiplexer (see `crate::legacy`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LegacyLink {
+    /// The peer's certificate name, `ID|IDV|USER|USERV`: the TLS peer must carry exactly it.
+    pub peer_name: String,
+    /// `tokenP`, hex (8 bytes), exchanged inside the link's TLS.
+    pub token_p: String,
+    /// For the client portal: the targets its services reach on the legacy peer (the
+    /// legacy protocol opens channels by `addr:port`, not by service name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<LinkGrant>,
+}
+
 /// Where to meet the peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelayEndpoint {
@@ -127,6 +142,9 @@ pub enum Message {
         token: String,
         /// The token expires this many milliseconds after the offer is sent.
         expires_in_ms: u64,
+        /// Set when the peer is a legacy portal (absent on native links).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        legacy: Option<LegacyLink>,
     },
     /// To the serving portal: a client portal will meet it at the relay.
     LinkIncoming {
@@ -142,6 +160,9 @@ pub enum Message {
         expires_in_ms: u64,
         /// What this link may open: anything else is refused.
         grants: Vec<LinkGrant>,
+        /// Set when the peer is a legacy portal (absent on native links).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        legacy: Option<LegacyLink>,
     },
     /// To the client portal: the link request is refused.
     LinkDenied {
@@ -223,6 +244,16 @@ pub enum Message {
         /// Token for side B (the serving portal), hex.
         token_b: String,
         /// Tokens expire this many milliseconds from now.
+        ttl_ms: u64,
+    },
+    /// Server → relay: open one port where two legacy portals meet with the same 8-byte
+    /// `tokenR` (answered with `Allocated`, both ports equal).
+    AllocateLegacy {
+        /// Allocation id.
+        alloc_id: u64,
+        /// `tokenR`, hex (8 bytes).
+        token: String,
+        /// The token expires this many milliseconds from now.
         ttl_ms: u64,
     },
     /// Relay → server: the pair is open.
@@ -325,6 +356,7 @@ impl Message {
             Message::StreamClosed { .. } => "stream_closed",
             Message::RelayRegister { .. } => "relay_register",
             Message::Allocate { .. } => "allocate",
+            Message::AllocateLegacy { .. } => "allocate_legacy",
             Message::Allocated { .. } => "allocated",
             Message::AllocateFailed { .. } => "allocate_failed",
             Message::Release { .. } => "release",
@@ -417,6 +449,28 @@ mod tests {
                     transport: Transport::Tcp,
                 }],
             },
+            Message::LinkIncoming {
+                link_id: 3,
+                peer: "cam".into(),
+                relay: RelayEndpoint {
+                    relay: "r".into(),
+                    address: "127.0.0.1".into(),
+                    port: 40000,
+                },
+                token: "0011223344556677".into(),
+                expires_in_ms: 1000,
+                grants: vec![],
+                legacy: Some(LegacyLink {
+                    peer_name: "0A0B0C0D|00000001|11223344|00000002".into(),
+                    token_p: "0102030405060708".into(),
+                    targets: vec![],
+                }),
+            },
+            Message::AllocateLegacy {
+                alloc_id: 4,
+                token: "0011223344556677".into(),
+                ttl_ms: 1000,
+            },
             Message::LinkDenied {
                 request_id: 7,
                 reason: "no-access-rule".into(),
@@ -467,6 +521,26 @@ mod tests {
             Message::from_body(br#"{"type":"heartbeat","seq":1}"#),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn native_link_messages_are_unchanged_on_the_wire() {
+        let offer = Message::LinkOffer {
+            request_id: 1,
+            link_id: 2,
+            peer: "nas".into(),
+            relay: RelayEndpoint {
+                relay: "r".into(),
+                address: "127.0.0.1".into(),
+                port: 1,
+            },
+            token: "00".into(),
+            expires_in_ms: 1,
+            legacy: None,
+        };
+        let body = String::from_utf8(offer.to_body()).expect("JSON is UTF-8");
+        assert!(!body.contains("legacy"), "{body}");
+        assert_eq!(Message::from_body(body.as_bytes()), Ok(offer));
     }
 
     #[test]

@@ -5,11 +5,18 @@
 //! control messages carried in those frames. What it does not do: no sockets, no clock, no
 //! tokio.
 //!
+//! [`legacy`] holds the byte-exact codecs of the original Python portal's protocol ("V0.1"):
+//! its control frames, link frames and relay hello, each with one decoder entry point that
+//! never panics ([`legacy::decode_control_frame`], [`legacy::decode_auth`],
+//! [`legacy::decode_control`], [`legacy::decode_link_frame`], [`legacy::decode_link_control`],
+//! [`legacy::decode_relay_hello`], [`legacy::LegacyName::parse`]).
+//!
 //! [`identity`] reads who a certificate names (`netport://<role>/<name>`) and its key's
 //! SHA-256, from DER bytes the daemons hand it; it verifies no chains and reads no clock.
 
 pub mod control;
 pub mod identity;
+pub mod legacy;
 pub mod relay;
 pub mod tls;
 

@@ -19,6 +19,8 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 
 use crate::identity::{self, CertInfo, Identity};
 
+pub mod legacy;
+
 /// ALPN of links between portals.
 pub const LINK_ALPN: &[u8] = b"netport-link/1";
 
@@ -61,8 +63,11 @@ pub struct Credentials {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
+    /// The CA certificates as given, for TLS stacks other than rustls (legacy links).
+    ca: Vec<CertificateDer<'static>>,
     info: CertInfo,
-    ca: Vec<CertInfo>,
+    /// What the CA certificates say (expiry).
+    ca_info: Vec<CertInfo>,
     identity: Identity,
 }
 
@@ -72,8 +77,9 @@ impl Clone for Credentials {
             chain: self.chain.clone(),
             key: self.key.clone_key(),
             roots: self.roots.clone(),
-            info: self.info.clone(),
             ca: self.ca.clone(),
+            info: self.info.clone(),
+            ca_info: self.ca_info.clone(),
             identity: self.identity.clone(),
         }
     }
@@ -89,11 +95,12 @@ impl Credentials {
             detail: e.to_string(),
         })?;
         let mut roots = RootCertStore::empty();
-        let mut ca_infos = Vec::new();
-        for ca in certs(ca_pem, "CA certificate")? {
-            ca_infos.push(identity::inspect(&ca)?);
+        let ca = certs(ca_pem, "CA certificate")?;
+        let mut ca_info = Vec::new();
+        for c in &ca {
+            ca_info.push(identity::inspect(c)?);
             roots
-                .add(ca)
+                .add(c.clone())
                 .map_err(|e| TlsError::Verifier(e.to_string()))?;
         }
         let info = identity::inspect(&chain[0])?;
@@ -105,8 +112,9 @@ impl Credentials {
             chain,
             key,
             roots: Arc::new(roots),
+            ca,
             info,
-            ca: ca_infos,
+            ca_info,
             identity,
         })
     }
@@ -123,7 +131,7 @@ impl Credentials {
 
     /// What the trusted CA certificates say (expiry, for metrics and warnings).
     pub fn ca_info(&self) -> &[CertInfo] {
-        &self.ca
+        &self.ca_info
     }
 
     fn client_verifier(
@@ -175,7 +183,7 @@ impl Credentials {
         let verifier = Arc::new(ExactPeerVerifier {
             roots: self.roots.clone(),
             provider: provider(),
-            peer,
+            peer: Expected::Identity(peer),
         });
         let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -210,13 +218,23 @@ pub fn peer_info(
     identity::inspect(leaf)
 }
 
-/// Verifies a server certificate against the Netport CA and accepts only one identity;
+/// Verifies a server certificate against the Netport CA and accepts only one peer;
 /// the name the client dialled is ignored (links go through relays, not names).
 #[derive(Debug)]
 pub struct ExactPeerVerifier {
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
-    peer: Identity,
+    peer: Expected,
+}
+
+/// Who the link peer must be.
+#[derive(Debug)]
+enum Expected {
+    /// A native peer: exactly this `netport://` identity.
+    Identity(Identity),
+    /// A legacy (V0.1) peer: exactly this `ID|IDV|USER|USERV` DNS SAN, which is not a valid
+    /// DNS name and so cannot go through rustls' name checks.
+    Legacy(crate::legacy::LegacyName),
 }
 
 impl ServerCertVerifier for ExactPeerVerifier {
@@ -238,11 +256,22 @@ impl ServerCertVerifier for ExactPeerVerifier {
         )?;
         let info = identity::inspect(end_entity)
             .map_err(|e| rustls::Error::General(format!("peer certificate: {e}")))?;
+        let peer = match &self.peer {
+            Expected::Legacy(name) if legacy::has_legacy_name(&info, name) => {
+                return Ok(ServerCertVerified::assertion());
+            }
+            Expected::Legacy(name) => {
+                return Err(rustls::Error::General(format!(
+                    "legacy link peer certificate names {:?}, expected {name}",
+                    info.dns_names
+                )));
+            }
+            Expected::Identity(peer) => peer,
+        };
         match info.identity {
-            Some(id) if id == self.peer => Ok(ServerCertVerified::assertion()),
+            Some(id) if id == *peer => Ok(ServerCertVerified::assertion()),
             Some(id) => Err(rustls::Error::General(format!(
-                "link peer is {id}, expected {}",
-                self.peer
+                "link peer is {id}, expected {peer}"
             ))),
             None => Err(rustls::Error::General(
                 "link peer certificate names no netport identity".into(),
@@ -295,12 +324,12 @@ mod tests {
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-    struct Ca {
+    pub(super) struct Ca {
         issuer: Issuer<'static, KeyPair>,
         pem: String,
     }
 
-    fn ca(cn: &str) -> Result<Ca, rcgen::Error> {
+    pub(super) fn ca(cn: &str) -> Result<Ca, rcgen::Error> {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, cn);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -314,10 +343,24 @@ mod tests {
     }
 
     fn portal(ca: &Ca, name: &str) -> Result<Credentials, Box<dyn std::error::Error>> {
+        portal_with_dns(ca, name, &[])
+    }
+
+    /// A portal certificate that also carries the DNS SANs `dns`.
+    pub(super) fn portal_with_dns(
+        ca: &Ca,
+        name: &str,
+        dns: &[&str],
+    ) -> Result<Credentials, Box<dyn std::error::Error>> {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, name);
         params.subject_alt_names =
             vec![SanType::URI(format!("netport://portal/{name}").try_into()?)];
+        for d in dns {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName((*d).try_into()?));
+        }
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -333,7 +376,20 @@ mod tests {
 
     /// Runs a TLS handshake in memory; returns the server's view of the client identity.
     fn handshake(client: ClientConfig, server: ServerConfig) -> Result<CertInfo, String> {
-        let name = ServerName::try_from("peer.netport.invalid").map_err(|e| e.to_string())?;
+        let (c, s) = drive(client, server, "peer.netport.invalid")?;
+        if c.alpn_protocol() != Some(LINK_ALPN) {
+            return Err("no ALPN agreed".into());
+        }
+        peer_info(s.peer_certificates()).map_err(|e| e.to_string())
+    }
+
+    /// Runs a TLS handshake in memory, the client dialling `name`.
+    pub(super) fn drive(
+        client: ClientConfig,
+        server: ServerConfig,
+        name: &str,
+    ) -> Result<(rustls::ClientConnection, rustls::ServerConnection), String> {
+        let name = ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
         let mut c =
             rustls::ClientConnection::new(Arc::new(client), name).map_err(|e| e.to_string())?;
         let mut s = rustls::ServerConnection::new(Arc::new(server)).map_err(|e| e.to_string())?;
@@ -352,10 +408,7 @@ mod tests {
             c.process_new_packets()
                 .map_err(|e| format!("client: {e}"))?;
         }
-        if c.alpn_protocol() != Some(LINK_ALPN) {
-            return Err("no ALPN agreed".into());
-        }
-        peer_info(s.peer_certificates()).map_err(|e| e.to_string())
+        Ok((c, s))
     }
 
     #[test]

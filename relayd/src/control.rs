@@ -77,6 +77,12 @@ pub async fn session(
                                 .await;
                             wr.write_all(&encode_message(&reply)).await?;
                         }
+                        Message::AllocateLegacy { alloc_id, token, ttl_ms } => {
+                            let reply = allocations
+                                .allocate_legacy(alloc_id, &token, Duration::from_millis(ttl_ms))
+                                .await;
+                            wr.write_all(&encode_message(&reply)).await?;
+                        }
                         Message::Release { alloc_id } => allocations.release(alloc_id),
                         other => tracing::debug!(kind = other.kind(), "ignoring unexpected message from netportd"),
                     }

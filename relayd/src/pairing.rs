@@ -15,6 +15,8 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 
+mod legacy;
+
 /// An allocation that ended, for the server.
 #[derive(Debug)]
 pub struct Closed {
@@ -133,6 +135,14 @@ impl Allocations {
 
     /// Binds two free ports of the range, starting after the last one handed out.
     fn bind_pair(&self) -> Option<(TcpListener, TcpListener)> {
+        let mut got = self.bind_ports(2)?;
+        let b = got.pop()?;
+        let a = got.pop()?;
+        Some((a, b))
+    }
+
+    /// Binds `n` free ports of the range, starting after the last one handed out.
+    fn bind_ports(&self, n: usize) -> Option<Vec<TcpListener>> {
         let (first, last) = (self.config.port_first, self.config.port_last);
         let span = u32::from(last - first) + 1;
         let in_use: Vec<u16> = self
@@ -141,7 +151,7 @@ impl Allocations {
             .flat_map(|e| [e.ports.0, e.ports.1])
             .collect();
         let mut cursor = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
-        let mut got = Vec::with_capacity(2);
+        let mut got = Vec::with_capacity(n);
         for step in 0..span {
             let port = first + ((u32::from(*cursor - first) + step) % span) as u16;
             if in_use.contains(&port) {
@@ -159,11 +169,9 @@ impl Allocations {
                 continue;
             };
             got.push(l);
-            if got.len() == 2 {
+            if got.len() == n {
                 *cursor = first + ((u32::from(port - first) + 1) % span) as u16;
-                let b = got.pop()?;
-                let a = got.pop()?;
-                return Some((a, b));
+                return Some(got);
             }
         }
         None

@@ -17,6 +17,8 @@ use netport_proto::tls::Credentials;
 use netportd::pki::{Ca, IssueRequest, Issued};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod legacy_portal;
+
 /// A CA and the files of the certificates issued from it, in a temporary directory.
 pub struct Pki {
     pub dir: tempfile::TempDir,
@@ -522,20 +524,42 @@ impl System {
 
     /// The log of a daemon (`netportd`, `relayd`, `portal-NAME`).
     pub fn log(&self, name: &str) -> String {
-        self.daemons
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, d)| d.log_text())
-            .unwrap_or_default()
+        log_of(&self.daemons, name)
     }
 
     /// Every log, for a failing test's message.
     pub fn logs(&self) -> String {
-        self.daemons
-            .iter()
-            .map(|(n, d)| format!("==== {n}\n{}", d.log_text()))
-            .collect()
+        logs_of(&self.daemons)
     }
+}
+
+/// Something that runs named daemons: [`System`], [`legacy_portal::LegacySystem`].
+pub trait Daemons {
+    /// The daemons, by name.
+    fn daemons(&self) -> &[(String, Daemon)];
+}
+
+impl Daemons for System {
+    fn daemons(&self) -> &[(String, Daemon)] {
+        &self.daemons
+    }
+}
+
+/// The log of the daemon called `name`.
+pub fn log_of(daemons: &[(String, Daemon)], name: &str) -> String {
+    daemons
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, d)| d.log_text())
+        .unwrap_or_default()
+}
+
+/// Every log, for a failing test's message.
+pub fn logs_of(daemons: &[(String, Daemon)]) -> String {
+    daemons
+        .iter()
+        .map(|(n, d)| format!("==== {n}\n{}", d.log_text()))
+        .collect()
 }
 
 fn path_str(p: &Path) -> Result<&str> {
@@ -637,18 +661,23 @@ pub async fn wait_listening(addr: &str, within: Duration) -> Result<()> {
     }
 }
 
-/// Waits until `cond` holds for the text of `log`.
-pub async fn wait_log(sys: &System, name: &str, needle: &str, within: Duration) -> Result<()> {
+/// Waits until `needle` appears in the log of the daemon `name`.
+pub async fn wait_log<S: Daemons>(
+    sys: &S,
+    name: &str,
+    needle: &str,
+    within: Duration,
+) -> Result<()> {
     let deadline = tokio::time::Instant::now() + within;
     while tokio::time::Instant::now() < deadline {
-        if sys.log(name).contains(needle) {
+        if log_of(sys.daemons(), name).contains(needle) {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bail!(
         "`{needle}` never appeared in the {name} log:\n{}",
-        sys.logs()
+        logs_of(sys.daemons())
     )
 }
 

@@ -226,3 +226,85 @@ async fn silent_connections_are_dropped_and_release_frees_the_pair() -> Result<(
     assert!(TcpStream::connect(("127.0.0.1", pa)).await.is_err());
     Ok(())
 }
+
+/// A legacy (V0.1) allocation: one port, the 64-byte hello echoed, `Ready !` to both once
+/// both are in, `Bad T !` to a wrong or spent token, and both sides closed when one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_pair_echoes_hellos_then_readies_refuses_spent_tokens_and_closes_both() -> Result<()>
+{
+    use netport_proto::legacy::{RELAY_BAD_TOKEN, RELAY_READY, encode_relay_hello};
+    let mut s = start_relay(5).await?;
+    let token = *b"\x01\x02\x03\x04\x05\x06\x07\x08";
+    s.conn
+        .send(&Message::AllocateLegacy {
+            alloc_id: 9,
+            token: "0102030405060708".into(),
+            ttl_ms: 10_000,
+        })
+        .await?;
+    let port = match s.conn.recv(T).await? {
+        Message::Allocated {
+            alloc_id: 9,
+            port_a,
+            port_b,
+        } if port_a == port_b => port_a,
+        other => bail!("expected one legacy port, got {other:?}"),
+    };
+    let hello = encode_relay_hello(&token);
+    let mut bad = TcpStream::connect(("127.0.0.1", port)).await?;
+    bad.write_all(&encode_relay_hello(b"wrongtok")).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(T, bad.read_to_end(&mut answer)).await??;
+    assert_eq!(
+        answer, RELAY_BAD_TOKEN,
+        "a wrong token gets Bad T and a close"
+    );
+
+    let mut a = TcpStream::connect(("127.0.0.1", port)).await?;
+    a.write_all(&hello).await?;
+    let mut echo = [0u8; 64];
+    tokio::time::timeout(T, a.read_exact(&mut echo)).await??;
+    assert_eq!(echo, hello);
+    let mut b = TcpStream::connect(("127.0.0.1", port)).await?;
+    b.write_all(&hello).await?;
+    tokio::time::timeout(T, b.read_exact(&mut echo)).await??;
+    assert_eq!(echo, hello);
+    // The next bytes each side sees are exactly `Ready !\n`: nothing came before it.
+    for side in [&mut a, &mut b] {
+        let mut ready = [0u8; 8];
+        tokio::time::timeout(T, side.read_exact(&mut ready)).await??;
+        assert_eq!(&ready, RELAY_READY);
+    }
+    // The token is spent.
+    let mut third = TcpStream::connect(("127.0.0.1", port)).await?;
+    third.write_all(&hello).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(T, third.read_to_end(&mut answer)).await??;
+    assert_eq!(
+        answer, RELAY_BAD_TOKEN,
+        "a reused token gets Bad T and a close"
+    );
+
+    a.write_all(b"ping").await?;
+    let mut got = [0u8; 4];
+    tokio::time::timeout(T, b.read_exact(&mut got)).await??;
+    assert_eq!(&got, b"ping");
+    b.write_all(b"pong").await?;
+    tokio::time::timeout(T, a.read_exact(&mut got)).await??;
+    assert_eq!(&got, b"pong");
+    // One side closes: the other is closed too, and netportd hears of it.
+    drop(a);
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, b.read_to_end(&mut rest)).await??;
+    assert!(rest.is_empty());
+    match s.conn.recv(T).await? {
+        Message::AllocationClosed {
+            alloc_id: 9,
+            bytes_a_to_b: 4,
+            bytes_b_to_a: 4,
+            ..
+        } => {}
+        other => bail!("expected allocation_closed, got {other:?}"),
+    }
+    Ok(())
+}

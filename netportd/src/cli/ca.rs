@@ -68,6 +68,19 @@ pub struct IssueArgs {
     /// An IP address portals and relays dial the server at (server certificates only; repeat).
     #[arg(long = "ip", value_name = "ADDR")]
     pub ips: Vec<IpAddr>,
+    /// A legacy (V0.1) portal's PortalID, 8 hex digits: adds the DNS name
+    /// ID|IDV|USER|USERV that legacy portals check (portal certificates only).
+    #[arg(long, value_name = "HEX", value_parser = parse_legacy_id, requires = "legacy_user")]
+    pub legacy_id: Option<[u8; 4]>,
+    /// The legacy portal's UserID, 8 hex digits (with --legacy-id).
+    #[arg(long, value_name = "HEX", value_parser = parse_legacy_id, requires = "legacy_id")]
+    pub legacy_user: Option<[u8; 4]>,
+    /// The IDV the server announces for this portal, 8 hex digits.
+    #[arg(long, value_name = "HEX", value_parser = parse_legacy_id, default_value = "00000001", requires = "legacy_id")]
+    pub legacy_idv: [u8; 4],
+    /// The UserV the server announces for this portal, 8 hex digits.
+    #[arg(long, value_name = "HEX", value_parser = parse_legacy_id, default_value = "00000001", requires = "legacy_id")]
+    pub legacy_userv: [u8; 4],
     /// Where to write the certificate and key (default: the CA directory).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -108,6 +121,11 @@ impl From<RoleArg> for Role {
 
 fn days_parser() -> clap::builder::RangedI64ValueParser<u32> {
     clap::value_parser!(u32).range(1..=36_500)
+}
+
+fn parse_legacy_id(s: &str) -> Result<[u8; 4], String> {
+    netport_proto::legacy::parse_id(s)
+        .ok_or_else(|| "a legacy id is 8 hex digits, like 0A0B0C0D".to_owned())
 }
 
 fn parse_name(name: &str) -> Result<String, String> {
@@ -192,9 +210,22 @@ fn issue(args: IssueArgs) -> Result<()> {
             args.dir.display()
         );
     }
+    if role != Role::Portal && args.legacy_id.is_some() {
+        bail!("--legacy-id and --legacy-user are only for portal certificates");
+    }
+    let legacy = match (args.legacy_id, args.legacy_user) {
+        (Some(id), Some(user)) => Some(netport_proto::legacy::LegacyName {
+            id,
+            idv: args.legacy_idv,
+            user,
+            userv: args.legacy_userv,
+        }),
+        _ => None,
+    };
     let req = IssueRequest {
         dns: args.dns,
         ips: args.ips,
+        legacy,
         ..IssueRequest::new(role, args.name, args.days)
     };
     let issued = ca.issue(&req).context("failed to issue the certificate")?;
@@ -223,7 +254,11 @@ fn issue(args: IssueArgs) -> Result<()> {
     writeln!(out, "  identity     {}", issued.identity)?;
     writeln!(out, "  spki_sha256  {}", issued.info.spki_sha256_hex())?;
     for dns in &issued.info.dns_names {
-        writeln!(out, "  dns          {dns}")?;
+        if netport_proto::legacy::LegacyName::parse(dns).is_some() {
+            writeln!(out, "  legacy       {dns}  (ID|IDV|USER|USERV)")?;
+        } else {
+            writeln!(out, "  dns          {dns}")?;
+        }
     }
     for ip in &issued.info.ip_addrs {
         writeln!(out, "  ip           {ip}")?;

@@ -44,6 +44,9 @@ pub struct NetportdToml {
     pub wait_for_policy: bool,
     /// Certificates.
     pub tls: netport_common::TlsToml,
+    /// The legacy (V0.1) listener for the original Python portals; off when absent.
+    #[serde(default)]
+    pub legacy: Option<super::legacy::LegacyToml>,
 }
 
 fn default_heartbeat() -> u32 {
@@ -80,6 +83,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// The audit log (`-` for standard output).
     pub audit_log: Option<PathBuf>,
+    /// The legacy listener, when configured.
+    pub legacy: Option<super::legacy::LegacyConfig>,
 }
 
 impl Config {
@@ -126,7 +131,9 @@ impl Config {
             }
             Err(e) => return Err(e),
         };
+        let legacy = raw.legacy.map(|l| l.validate(&raw.tls, base)).transpose()?;
         Ok(Config {
+            legacy,
             listen: raw.listen,
             policy_dir,
             policy,
@@ -166,5 +173,16 @@ mod tests {
         let text = include_str!("../../../examples/config/netportd.toml");
         let raw: Result<super::NetportdToml, _> = toml::from_str(text);
         assert!(raw.is_ok(), "{raw:?}");
+    }
+
+    #[test]
+    fn the_legacy_example_parses_with_its_listener() {
+        let text = include_str!("../../../examples/config/netportd-legacy.toml");
+        let raw: Result<super::NetportdToml, _> = toml::from_str(text);
+        let legacy = raw
+            .ok()
+            .and_then(|r| r.legacy)
+            .map(|l| (l.listen.port(), l.keepalive_secs, l.idle_secs));
+        assert_eq!(legacy, Some((5000, 10, 45)));
     }
 }

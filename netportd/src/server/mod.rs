@@ -6,6 +6,7 @@
 //! where to meet, with single-use tokens and the exact peer identity to expect.
 
 pub mod config;
+pub mod legacy;
 pub mod observe;
 mod reload;
 mod session;
@@ -40,6 +41,10 @@ struct PortalHandle {
     peer: SocketAddr,
     /// Unix seconds.
     connected_at: i64,
+    /// The `ID|IDV|USER|USERV` name its certificate carries, if any (legacy peers need it).
+    legacy: Option<netport_proto::legacy::LegacyName>,
+    /// The session speaks the legacy (V0.1) control protocol.
+    speaks_legacy: bool,
 }
 
 /// A link the server set up, kept so reloads can update or close it.
@@ -470,6 +475,15 @@ pub async fn run(
         config.debounce,
         shutdown.clone(),
     ));
+    if let Some(lc) = config.legacy.clone() {
+        let l = TcpListener::bind(lc.listen).await.with_context(|| {
+            format!(
+                "cannot listen on {} (`legacy.listen` in netportd.toml)",
+                lc.listen
+            )
+        })?;
+        tasks.spawn(legacy::serve(server.clone(), l, lc));
+    }
     for listener in listeners {
         let server = server.clone();
         tasks.spawn(async move {

@@ -245,6 +245,8 @@ async fn portal_session(
         cancel: cancel.clone(),
         peer,
         connected_at: netport_common::admin::unix_now(),
+        legacy: netport_proto::tls::legacy::legacy_names(&info).next(),
+        speaks_legacy: false,
     };
     if let Some(old) = lock(&server.portals).insert(name.clone(), handle) {
         // A portal reconnecting replaces its old session.
@@ -438,6 +440,18 @@ async fn open_link(
         })?;
     // Everything the client may reach on the serving portal rides the same link.
     let grants = link_grants(&policy, client, &serving, key);
+    // A legacy peer: the legacy link protocol, set up by the legacy module.
+    if lock(&server.portals)
+        .get(&serving)
+        .is_some_and(|h| h.speaks_legacy)
+    {
+        let relays: Vec<String> = permit.relays().map(|r| r.name.clone()).collect();
+        let rule = permit.rule.name.clone();
+        return super::legacy::offer_to_legacy(
+            server, client, key, request_id, &rule, &relays, &serving, grants,
+        )
+        .await;
+    }
     // The rule's relays, the least loaded connected one first.
     let (relay_name, relay_tx, alloc_id, rx) = {
         let mut relays = lock(&server.relays);
@@ -522,6 +536,7 @@ async fn open_link(
         token: token_to_hex(&tb),
         expires_in_ms,
         grants,
+        legacy: None,
     });
     let client_tx = lock(&server.portals).get(client).map(|h| h.tx.clone());
     if let Some(tx) = client_tx {
@@ -532,6 +547,7 @@ async fn open_link(
             relay: endpoint(ports.0),
             token: token_to_hex(&ta),
             expires_in_ms,
+            legacy: None,
         });
     }
     tracing::info!(client, serving = %serving, rule = %permit.rule.name, relay = %relay_name, link_id = alloc_id, "link allocated");
