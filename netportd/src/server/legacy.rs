@@ -444,8 +444,24 @@ async fn request_link(server: &Server, client: &str, key: &[u8; 32], other_id: I
             .get(client)
             .and_then(|h| h.legacy)
             .ok_or_else(|| Refusal::NotFound(format!("`{client}` left")))?;
+        let services: Vec<String> = grants.iter().map(|g| g.service.clone()).collect();
         let setup = setup(server, client, &serving, key, &relays, grants, me).await?;
         tracing::info!(client, serving = %serving, relay = %setup.endpoint.relay, link_id = setup.alloc_id, "legacy link allocated");
+        server.obs.links_opened.inc();
+        server.obs.audit(
+            "decision",
+            serde_json::json!({
+                "verdict": "allow",
+                "protocol": "legacy",
+                "portal": client,
+                "spki_sha256": hex::encode(key),
+                "serving_portal": serving,
+                "services": services,
+                "relay": setup.endpoint.relay,
+                "link_id": setup.alloc_id,
+                "policy": server.policy().hash,
+            }),
+        );
         Ok(Command::Granted(Meeting {
             peer: peer_name,
             token_p: setup.token_p,
@@ -459,6 +475,26 @@ async fn request_link(server: &Server, client: &str, key: &[u8; 32], other_id: I
         Err(r) => {
             let (reason, message) = r.reason();
             tracing::info!(portal = %client, peer_id = %other, %reason, "legacy link denied: {message}");
+            server
+                .obs
+                .denies
+                .get_or_create(&super::observe::ReasonLabel {
+                    reason: reason.to_string(),
+                })
+                .inc();
+            server.obs.audit(
+                "decision",
+                serde_json::json!({
+                    "verdict": "deny",
+                    "protocol": "legacy",
+                    "reason": reason,
+                    "message": message,
+                    "portal": client,
+                    "spki_sha256": hex::encode(key),
+                    "peer_legacy_id": other,
+                    "policy": server.policy().hash,
+                }),
+            );
             r.command()
         }
     }
