@@ -11,6 +11,7 @@ mod control;
 mod link;
 mod listeners;
 pub mod mux;
+mod udp;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

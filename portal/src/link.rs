@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use netport_proto::control::{LinkGrant, ListenerSpec, Message, RelayEndpoint};
+use netport_proto::control::{LinkGrant, ListenerSpec, Message, RelayEndpoint, Transport};
 use netport_proto::identity::{Identity, Role};
 use netport_proto::relay::{self, READY};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -25,9 +25,9 @@ use tokio_util::sync::CancellationToken;
 /// portal, so this sets the memory an idle connection costs; 16 KiB matches a TLS record.
 const COPY_BUF: usize = 16 * 1024;
 
-const OPEN_OK: u8 = 0;
+pub(crate) const OPEN_OK: u8 = 0;
 const OPEN_NOT_GRANTED: u8 = 1;
-const OPEN_DIAL_FAILED: u8 = 2;
+pub(crate) const OPEN_DIAL_FAILED: u8 = 2;
 
 /// A client link: a handle that opens streams, and whether it still runs.
 #[derive(Clone)]
@@ -40,7 +40,7 @@ struct ClientLink {
 }
 
 /// Counts a stream as open until dropped.
-struct Active(Arc<std::sync::atomic::AtomicUsize>);
+pub(crate) struct Active(Arc<std::sync::atomic::AtomicUsize>);
 
 impl Active {
     fn new(n: &Arc<std::sync::atomic::AtomicUsize>) -> Active {
@@ -59,7 +59,7 @@ impl Drop for Active {
 type SharedGrants = Arc<RwLock<Vec<LinkGrant>>>;
 
 /// Open streams of a served link, by service, so a narrowed grant can close them.
-type OpenStreams = Arc<Mutex<Vec<(String, CancellationToken)>>>;
+pub(crate) type OpenStreams = Arc<Mutex<Vec<(String, CancellationToken)>>>;
 
 /// A link this portal serves.
 struct Served {
@@ -142,10 +142,25 @@ async fn meet(relay: &RelayEndpoint, token: &str, within: Duration) -> Result<Tc
 /// Carries one accepted client connection to its service.
 pub async fn carry(portal: Arc<Portal>, spec: &ListenerSpec, mut tcp: TcpStream) -> Result<()> {
     let _ = tcp.set_nodelay(true);
+    let (mut stream, guard) = open_channel(&portal, spec).await?;
+    let _ =
+        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, COPY_BUF, COPY_BUF).await;
+    // The stream counted as active until here.
+    drop(guard);
+    Ok(())
+}
+
+/// Opens a stream to `spec`'s service on the link to its serving portal (set up on first
+/// use) and waits for the serving portal to accept it. The stream counts as active on the
+/// link until the returned guard is dropped.
+pub(crate) async fn open_channel(
+    portal: &Arc<Portal>,
+    spec: &ListenerSpec,
+) -> Result<(MuxStream, Active)> {
     let mut stream = None;
     let mut guard = None;
     for _ in 0..2 {
-        let link = client_link(&portal, spec).await?;
+        let link = client_link(portal, spec).await?;
         let active = Active::new(&link.active);
         match link.opener.open().await {
             Ok(s) => {
@@ -159,7 +174,9 @@ pub async fn carry(portal: Arc<Portal>, spec: &ListenerSpec, mut tcp: TcpStream)
             }
         }
     }
-    let mut stream = stream.ok_or_else(|| anyhow!("could not open a stream on a fresh link"))?;
+    let (Some(mut stream), Some(guard)) = (stream, guard) else {
+        bail!("could not open a stream on a fresh link");
+    };
     let name = spec.service.as_bytes();
     let mut header = Vec::with_capacity(2 + name.len());
     header.extend_from_slice(&(name.len() as u16).to_be_bytes());
@@ -174,11 +191,7 @@ pub async fn carry(portal: Arc<Portal>, spec: &ListenerSpec, mut tcp: TcpStream)
         let msg = read_msg(&mut stream).await.unwrap_or_default();
         bail!("the serving portal refused `{}`: {msg}", spec.service);
     }
-    let _ =
-        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, COPY_BUF, COPY_BUF).await;
-    // The stream counted as active until here.
-    drop(guard);
-    Ok(())
+    Ok((stream, guard))
 }
 
 async fn read_msg<S: AsyncRead + Unpin>(s: &mut S) -> Result<String> {
@@ -189,7 +202,7 @@ async fn read_msg<S: AsyncRead + Unpin>(s: &mut S) -> Result<String> {
     Ok(String::from_utf8_lossy(&msg).into_owned())
 }
 
-async fn refuse<S: AsyncWrite + Unpin>(s: &mut S, code: u8, msg: &str) {
+pub(crate) async fn refuse<S: AsyncWrite + Unpin>(s: &mut S, code: u8, msg: &str) {
     let m = msg.as_bytes();
     let mut out = vec![code];
     out.extend_from_slice(&(m.len().min(u16::MAX as usize) as u16).to_be_bytes());
@@ -344,13 +357,14 @@ pub async fn serve_incoming(
     let streams: OpenStreams = Arc::default();
     let g = grants.clone();
     let st = streams.clone();
+    let udp = portal.config.udp;
     let task = tokio::spawn(async move {
         let why = mux::server(tls, |stream| {
             let grants = g.clone();
             let streams = st.clone();
             let peer = peer.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_stream(stream, grants, streams, &peer).await {
+                if let Err(e) = serve_stream(stream, grants, streams, &peer, udp).await {
                     tracing::warn!(%peer, "stream refused: {e:#}");
                 }
             });
@@ -375,17 +389,18 @@ async fn serve_stream(
     grants: SharedGrants,
     streams: OpenStreams,
     peer: &str,
+    config: crate::config::UdpConfig,
 ) -> Result<()> {
     let service = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut stream))
         .await
         .context("no stream header")??;
-    let target = grants
+    let grant = grants
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
         .find(|g| g.service == service)
-        .map(|g| g.target.clone());
-    let Some(target) = target else {
+        .map(|g| (g.target.clone(), g.transport));
+    let Some((target, transport)) = grant else {
         refuse(
             &mut stream,
             OPEN_NOT_GRANTED,
@@ -394,6 +409,9 @@ async fn serve_stream(
         .await;
         bail!("`{peer}` asked for `{service}`, which this link does not grant");
     };
+    if transport == Transport::Udp {
+        return crate::udp::serve(stream, streams, service, &target, config).await;
+    }
     let mut tcp =
         match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&target)).await {
             Ok(Ok(t)) => t,

@@ -38,13 +38,12 @@ impl Listeners {
             if held.contains_key(&access) {
                 continue;
             }
-            if spec.transport == Transport::Udp {
-                tracing::warn!(access = %access, listen = %spec.listen, "UDP listeners are not supported by this portal yet; skipped");
-                continue;
-            }
             let portal = portal.clone();
             let s = spec.clone();
-            let task = tokio::spawn(async move { listen(portal, s).await });
+            let task = match spec.transport {
+                Transport::Tcp => tokio::spawn(async move { listen(portal, s).await }),
+                Transport::Udp => tokio::spawn(async move { crate::udp::listen(portal, s).await }),
+            };
             held.insert(
                 access,
                 Held {
