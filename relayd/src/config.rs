@@ -28,6 +28,18 @@ pub struct RelaydToml {
     /// Seconds a connection may stay silent before sending its hello (default 5).
     #[serde(default = "default_hello_timeout")]
     pub hello_timeout_secs: u64,
+    /// Seconds a paired UDP allocation may carry nothing before it is closed (default 120).
+    #[serde(default = "default_udp_idle")]
+    pub udp_idle_secs: u64,
+    /// How UDP allocations are forwarded: "xdp" (the default: the kernel fast path when it
+    /// can load, else userspace, with one log line saying why) or "userspace".
+    #[serde(default = "default_udp_fast_path")]
+    pub udp_fast_path: String,
+    /// XDP attach mode: "auto" (the kernel chooses; default), "native" or "skb".
+    #[serde(default = "default_xdp_mode")]
+    pub xdp_mode: String,
+    /// Interfaces to attach the XDP program to (default: every interface but loopback).
+    pub xdp_interfaces: Option<Vec<String>>,
     /// Certificates.
     pub tls: netport_common::TlsToml,
 }
@@ -38,6 +50,47 @@ fn default_bind() -> IpAddr {
 
 fn default_hello_timeout() -> u64 {
     5
+}
+
+fn default_udp_idle() -> u64 {
+    120
+}
+
+fn default_udp_fast_path() -> String {
+    "xdp".into()
+}
+
+fn default_xdp_mode() -> String {
+    "auto".into()
+}
+
+/// Where and how the XDP fast path runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XdpSettings {
+    /// Whether to try the fast path at all.
+    pub enabled: bool,
+    /// "auto", "native" or "skb".
+    pub mode: String,
+    /// Interfaces named in the configuration, or `None` for every one but loopback.
+    pub interfaces: Option<Vec<String>>,
+}
+
+impl XdpSettings {
+    /// The interfaces to attach to.
+    pub fn interfaces(&self) -> Result<Vec<String>> {
+        if let Some(list) = &self.interfaces {
+            return Ok(list.clone());
+        }
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/sys/class/net").context("listing /sys/class/net")? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name != "lo" {
+                found.push(name);
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
 }
 
 /// A validated configuration: everything the daemon needs, nothing left to check.
@@ -57,6 +110,10 @@ pub struct Config {
     pub capacity: u32,
     /// Hello deadline.
     pub hello_timeout: std::time::Duration,
+    /// A paired UDP allocation idle this long is closed.
+    pub udp_idle: std::time::Duration,
+    /// The UDP fast path.
+    pub xdp: XdpSettings,
     /// TLS credentials.
     pub credentials: Credentials,
 }
@@ -102,8 +159,28 @@ impl Config {
                 "`capacity` = {capacity} must be between 1 and {pairs} (each allocation takes two ports of `ports`)"
             );
         }
+        if raw.udp_idle_secs == 0 {
+            bail!("`udp_idle_secs` must be at least 1");
+        }
+        let enabled = match raw.udp_fast_path.as_str() {
+            "xdp" => true,
+            "userspace" => false,
+            other => bail!("`udp_fast_path` = \"{other}\" must be \"xdp\" or \"userspace\""),
+        };
+        if !["auto", "native", "skb"].contains(&raw.xdp_mode.as_str()) {
+            bail!(
+                "`xdp_mode` = \"{}\" must be \"auto\", \"native\" or \"skb\"",
+                raw.xdp_mode
+            );
+        }
         let credentials = raw.tls.load(base, Role::Relay)?;
         Ok(Config {
+            udp_idle: std::time::Duration::from_secs(raw.udp_idle_secs),
+            xdp: XdpSettings {
+                enabled,
+                mode: raw.xdp_mode,
+                interfaces: raw.xdp_interfaces,
+            },
             servers,
             public_address: raw.public_address,
             bind: raw.bind,

@@ -10,6 +10,8 @@
 pub mod config;
 mod control;
 mod pairing;
+mod udp;
+pub mod xdp;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +24,8 @@ pub use config::Config;
 /// Runs the relay until `shutdown` turns true.
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<()> {
     let config = Arc::new(config);
-    let (allocations, mut closed) = pairing::Allocations::new(config.clone());
+    let fast = load_fast_path(&config);
+    let (allocations, mut closed) = pairing::Allocations::new(config.clone(), fast);
     let mut backoff = Duration::from_millis(200);
     loop {
         for (addr, name) in &config.servers {
@@ -57,5 +60,37 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             _ = shutdown.changed() => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Loads the UDP fast path if the configuration wants it; one log line either way.
+fn load_fast_path(config: &Config) -> Option<Arc<xdp::FastPath>> {
+    if !config.xdp.enabled {
+        tracing::info!(
+            path = "userspace",
+            "UDP allocations forwarded in userspace (udp_fast_path = \"userspace\")"
+        );
+        return None;
+    }
+    match xdp::FastPath::load(&config.xdp) {
+        Ok(f) => {
+            let forwarding = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+                .map(|s| s.trim() == "1")
+                .unwrap_or(false);
+            tracing::info!(path = "xdp", interfaces = %f.attached.join(", "), "UDP fast path loaded: XDP forwards paired UDP allocations in the kernel");
+            if !forwarding {
+                tracing::warn!(
+                    "net.ipv4.ip_forward is 0: the XDP program's route lookups fail, so UDP allocations fall back to userspace; set it to 1 (and drop forwarded traffic in nftables)"
+                );
+            }
+            Some(Arc::new(f))
+        }
+        Err(why) => {
+            tracing::warn!(
+                path = "userspace",
+                "UDP fast path unavailable, forwarding UDP allocations in userspace: {why}"
+            );
+            None
+        }
     }
 }

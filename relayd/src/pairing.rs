@@ -5,15 +5,16 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use netport_proto::control::Message;
+use netport_proto::control::{Message, Transport};
 use netport_proto::relay::{self, BAD_TOKEN, HELLO_LEN, READY, Token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::xdp::FastPath;
 
 /// An allocation that ended, for the server.
 #[derive(Debug)]
@@ -26,7 +27,7 @@ pub struct Closed {
 
 /// Bad hellos an allocation tolerates before it is torn down: tokens are 256-bit random,
 /// so anything beyond a few mistakes is guessing.
-const MAX_BAD_HELLOS: u32 = 8;
+pub const MAX_BAD_HELLOS: u32 = 8;
 
 struct Entry {
     ports: (u16, u16),
@@ -40,10 +41,15 @@ pub struct Allocations {
     live: Arc<Mutex<HashMap<u64, Entry>>>,
     closed: mpsc::UnboundedSender<Closed>,
     cursor: Arc<Mutex<u16>>,
+    /// The XDP fast path for UDP pairs, when it loaded.
+    fast: Option<Arc<FastPath>>,
 }
 
 impl Allocations {
-    pub fn new(config: Arc<Config>) -> (Allocations, mpsc::UnboundedReceiver<Closed>) {
+    pub fn new(
+        config: Arc<Config>,
+        fast: Option<Arc<FastPath>>,
+    ) -> (Allocations, mpsc::UnboundedReceiver<Closed>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let first = config.port_first;
         (
@@ -52,6 +58,7 @@ impl Allocations {
                 live: Arc::default(),
                 closed: tx,
                 cursor: Arc::new(Mutex::new(first)),
+                fast,
             },
             rx,
         )
@@ -68,6 +75,7 @@ impl Allocations {
         token_a: &str,
         token_b: &str,
         ttl: Duration,
+        transport: Transport,
     ) -> Message {
         let failed = |reason: &str| Message::AllocateFailed {
             alloc_id,
@@ -85,17 +93,43 @@ impl Allocations {
         if self.lock().contains_key(&alloc_id) {
             return failed("allocation id in use");
         }
-        let Some((la, lb)) = self.bind_pair() else {
-            return failed("no free port pair");
-        };
-        let ports = (port(&la), port(&lb));
         let this = self.clone();
         let hello_timeout = self.config.hello_timeout;
-        let task = tokio::spawn(async move {
-            let outcome = pair_and_splice(alloc_id, la, lb, ta, tb, ttl, hello_timeout).await;
-            this.lock().remove(&alloc_id);
-            let _ = this.closed.send(outcome);
-        });
+        let (ports, task) = match transport {
+            Transport::Tcp => {
+                let Some((la, lb)) = self.bind_pair(bind_tcp) else {
+                    return failed("no free port pair");
+                };
+                let ports = (port(la.local_addr()), port(lb.local_addr()));
+                let task = tokio::spawn(async move {
+                    let outcome =
+                        pair_and_splice(alloc_id, la, lb, ta, tb, ttl, hello_timeout).await;
+                    this.finish(outcome);
+                });
+                (ports, task)
+            }
+            Transport::Udp => {
+                let Some((a, b)) = self.bind_pair(bind_udp) else {
+                    return failed("no free port pair");
+                };
+                let ports = (port(a.local_addr()), port(b.local_addr()));
+                let pair = crate::udp::Pair {
+                    alloc_id,
+                    a,
+                    b,
+                    token_a: ta,
+                    token_b: tb,
+                    ttl,
+                    idle: self.config.udp_idle,
+                    fast: self.fast.clone(),
+                };
+                let task = tokio::spawn(async move {
+                    let outcome = crate::udp::run(pair).await;
+                    this.finish(outcome);
+                });
+                (ports, task)
+            }
+        };
         self.lock().insert(
             alloc_id,
             Entry {
@@ -107,6 +141,7 @@ impl Allocations {
             alloc_id,
             port_a = ports.0,
             port_b = ports.1,
+            ?transport,
             "allocation opened"
         );
         Message::Allocated {
@@ -116,8 +151,14 @@ impl Allocations {
         }
     }
 
-    /// Binds two free ports of the range, starting after the last one handed out.
-    fn bind_pair(&self) -> Option<(TcpListener, TcpListener)> {
+    fn finish(&self, outcome: Closed) {
+        self.lock().remove(&outcome.alloc_id);
+        let _ = self.closed.send(outcome);
+    }
+
+    /// Binds two free ports of the range with `bind`, starting after the last one handed
+    /// out.
+    fn bind_pair<T>(&self, bind: impl Fn(SocketAddr) -> Option<T>) -> Option<(T, T)> {
         let (first, last) = (self.config.port_first, self.config.port_last);
         let span = u32::from(last - first) + 1;
         let in_use: Vec<u16> = self
@@ -132,15 +173,7 @@ impl Allocations {
             if in_use.contains(&port) {
                 continue;
             }
-            let addr = SocketAddr::new(self.config.bind, port);
-            // std bind is synchronous and cannot block; then hand the socket to tokio.
-            let Ok(l) = std::net::TcpListener::bind(addr) else {
-                continue;
-            };
-            if l.set_nonblocking(true).is_err() {
-                continue;
-            }
-            let Ok(l) = TcpListener::from_std(l) else {
+            let Some(l) = bind(SocketAddr::new(self.config.bind, port)) else {
                 continue;
             };
             got.push(l);
@@ -176,8 +209,21 @@ impl Allocations {
     }
 }
 
-fn port(l: &TcpListener) -> u16 {
-    l.local_addr().map(|a| a.port()).unwrap_or(0)
+fn port(addr: std::io::Result<SocketAddr>) -> u16 {
+    addr.map(|a| a.port()).unwrap_or(0)
+}
+
+// std binds are synchronous and cannot block; then the socket goes to tokio.
+fn bind_tcp(addr: SocketAddr) -> Option<TcpListener> {
+    let l = std::net::TcpListener::bind(addr).ok()?;
+    l.set_nonblocking(true).ok()?;
+    TcpListener::from_std(l).ok()
+}
+
+fn bind_udp(addr: SocketAddr) -> Option<UdpSocket> {
+    let s = std::net::UdpSocket::bind(addr).ok()?;
+    s.set_nonblocking(true).ok()?;
+    UdpSocket::from_std(s).ok()
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
