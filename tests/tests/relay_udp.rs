@@ -1,0 +1,296 @@
+//! relayd's UDP allocations, the real binary in a network namespace between two peers in
+//! their own namespaces, driven by a scripted netportd: pairing by token, then 10,000
+//! datagrams each way, through the XDP fast path and through the userspace forwarder.
+//! Needs root (skips loudly otherwise; CI runs as root).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use netport_e2e::netns::{Topology, skip_unless_root};
+use netport_e2e::{Control, ControlConn, Daemon, Pki};
+use netport_proto::control::{Message, PeerRole, Transport};
+use netport_proto::identity::Role;
+use netport_proto::relay::{READY, Token, encode_hello, token_to_hex};
+use tokio::net::UdpSocket;
+
+const T: Duration = Duration::from_secs(20);
+
+struct Relay {
+    _pki: Pki,
+    daemon: Daemon,
+    conn: ControlConn,
+}
+
+/// relayd in the relay namespace, registered with the test playing netportd there.
+async fn start_relay(topo: &Topology, extra: &str) -> Result<Relay> {
+    let pki = Pki::new()?;
+    let server = pki.issue(Role::Server, "netportd")?;
+    let relay = pki.issue(Role::Relay, "relay-1")?;
+    let listener = topo.relay.tcp_listener("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(
+        pki.credentials(&server)?.control_server()?,
+    ));
+    let config = pki.dir.path().join("relayd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "servers = [\"{addr}\"]\npublic_address = \"{}\"\nbind = \"0.0.0.0\"\n\
+             ports = \"40000-40009\"\nudp_idle_secs = 2\n{extra}\n\
+             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            Topology::RELAY_X,
+            pki.ca_path().display(),
+            relay.cert.display(),
+            relay.key.display()
+        ),
+    )?;
+    let log = pki.dir.path().join("relayd.log");
+    let daemon = topo.relay.daemon(
+        "relayd",
+        &["--config", config.to_str().context("path")?],
+        &log,
+    )?;
+    let (tcp, _) = tokio::time::timeout(T, listener.accept())
+        .await
+        .with_context(|| format!("relayd did not connect:\n{}", daemon.log_text()))??;
+    let mut conn = Control::new(acceptor.accept(tcp).await?);
+    match conn.recv(T).await? {
+        Message::Hello {
+            role: PeerRole::Relay,
+            ..
+        } => {}
+        other => bail!("expected hello, got {other:?}"),
+    }
+    match conn.recv(T).await? {
+        Message::RelayRegister { .. } => {}
+        other => bail!("expected relay_register, got {other:?}"),
+    }
+    conn.send(&Message::Welcome {
+        version: 1,
+        identity: "netport://relay/relay-1".into(),
+        policy: "test".into(),
+        heartbeat_secs: 5,
+    })
+    .await?;
+    Ok(Relay {
+        _pki: pki,
+        daemon,
+        conn,
+    })
+}
+
+/// Sends the hello until the relay answers READY.
+async fn join(sock: &UdpSocket, relay: SocketAddr, token: &Token) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + T;
+    let mut buf = [0u8; 64];
+    while tokio::time::Instant::now() < deadline {
+        sock.send_to(&encode_hello(token), relay).await?;
+        if let Ok(Ok((n, from))) =
+            tokio::time::timeout(Duration::from_millis(200), sock.recv_from(&mut buf)).await
+            && from == relay
+            && buf[..n] == READY[..]
+        {
+            return Ok(());
+        }
+    }
+    bail!("the relay never answered READY")
+}
+
+/// Payload `seq` of a mixed-size series (1 to 1472 bytes: no IP fragments at MTU 1500).
+fn payload(tag: u8, seq: u32) -> Vec<u8> {
+    let len = 1 + (seq as usize * 7919) % 1472;
+    (0..len)
+        .map(|i| match i {
+            0 => tag,
+            1..=4 => seq.to_be_bytes()[i - 1],
+            _ => (i as u32 ^ seq).wrapping_mul(2_654_435_761).to_be_bytes()[2],
+        })
+        .collect()
+}
+
+async fn recv_from(sock: &UdpSocket, buf: &mut [u8]) -> Result<(usize, SocketAddr)> {
+    tokio::time::timeout(Duration::from_secs(5), sock.recv_from(buf))
+        .await
+        .context("a datagram did not arrive within 5 s")?
+        .map_err(Into::into)
+}
+
+/// A numeric `name=value` field of the first log line containing `needle`.
+fn log_field(log: &str, needle: &str, name: &str) -> Option<u64> {
+    let line = log.lines().find(|l| l.contains(needle))?;
+    let at = line.find(&format!(" {name}="))? + name.len() + 2;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Prints the relay's path lines (visible with `--nocapture`).
+fn report(log: &str) {
+    for l in log
+        .lines()
+        .filter(|l| l.contains("path=") || l.contains("udp allocation closed"))
+    {
+        println!("{l}");
+    }
+}
+
+const DATAGRAMS: u32 = 10_000;
+const WINDOW: u32 = 50;
+
+/// Allocates a UDP pair, joins X and Y, moves [`DATAGRAMS`] each way and returns the
+/// relay's log once the allocation has closed (idle).
+async fn ten_thousand_each_way(topo: &Topology, relay: &mut Relay) -> Result<(String, u64)> {
+    let (ta, tb) = ([0xa1u8; 32], [0xb2u8; 32]);
+    relay
+        .conn
+        .send(&Message::Allocate {
+            alloc_id: 7,
+            token_a: token_to_hex(&ta),
+            token_b: token_to_hex(&tb),
+            ttl_ms: 20_000,
+            transport: Transport::Udp,
+        })
+        .await?;
+    let (pa, pb) = match relay.conn.recv(T).await? {
+        Message::Allocated {
+            alloc_id: 7,
+            port_a,
+            port_b,
+        } => (port_a, port_b),
+        other => bail!("expected allocated, got {other:?}"),
+    };
+    let ra: SocketAddr = format!("{}:{pa}", Topology::RELAY_X).parse()?;
+    let rb: SocketAddr = format!("{}:{pb}", Topology::RELAY_Y).parse()?;
+    let x = topo.x.udp("0.0.0.0:0")?;
+    let y = topo.y.udp("0.0.0.0:0")?;
+    let (jx, jy) = tokio::join!(join(&x, ra, &ta), join(&y, rb, &tb));
+    jx.context("X joining")?;
+    jy.context("Y joining")?;
+
+    let mut buf = vec![0u8; 65_536];
+    // First packets each way: neighbours get resolved, so the fast path finds its routes.
+    for _ in 0..3 {
+        x.send_to(b"warm-up", ra).await?;
+        let (n, from) = recv_from(&y, &mut buf).await?;
+        ensure!(&buf[..n] == b"warm-up" && from == rb, "warm-up X to Y");
+        y.send_to(b"warm-up", rb).await?;
+        let (n, from) = recv_from(&x, &mut buf).await?;
+        ensure!(&buf[..n] == b"warm-up" && from == ra, "warm-up Y to X");
+    }
+
+    let mut bytes = 0u64;
+    for start in (0..DATAGRAMS).step_by(WINDOW as usize) {
+        let seqs = start..(start + WINDOW).min(DATAGRAMS);
+        for seq in seqs.clone() {
+            let p = payload(b'x', seq);
+            bytes += p.len() as u64;
+            x.send_to(&p, ra).await?;
+        }
+        for seq in seqs.clone() {
+            let (n, from) = recv_from(&y, &mut buf)
+                .await
+                .with_context(|| format!("datagram {seq} X to Y"))?;
+            ensure!(
+                from == rb,
+                "Y got a datagram from {from}, not the relay's {rb}"
+            );
+            ensure!(
+                buf[..n] == payload(b'x', seq)[..],
+                "datagram {seq} X to Y changed"
+            );
+            y.send_to(&payload(b'y', seq), rb).await?;
+        }
+        for seq in seqs {
+            let (n, from) = recv_from(&x, &mut buf)
+                .await
+                .with_context(|| format!("datagram {seq} Y to X"))?;
+            ensure!(
+                from == ra,
+                "X got a datagram from {from}, not the relay's {ra}"
+            );
+            ensure!(
+                buf[..n] == payload(b'y', seq)[..],
+                "datagram {seq} Y to X changed"
+            );
+        }
+    }
+    for (who, ns) in [("X", &topo.x), ("Y", &topo.y)] {
+        let errors = ns.snmp("Udp", "InCsumErrors")?;
+        ensure!(errors == 0, "{who} counted {errors} UDP checksum errors");
+    }
+    // Idle for udp_idle_secs: the allocation closes and reports what it carried.
+    match relay.conn.recv(T).await? {
+        Message::AllocationClosed {
+            alloc_id: 7,
+            bytes_a_to_b,
+            reason,
+            ..
+        } => {
+            ensure!(reason.starts_with("idle"), "closed for {reason}");
+            ensure!(
+                bytes_a_to_b >= bytes,
+                "the relay counted {bytes_a_to_b} bytes X to Y, {bytes} were sent"
+            );
+        }
+        other => bail!("expected allocation_closed, got {other:?}"),
+    }
+    Ok((relay.daemon.log_text(), bytes))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_pair_through_the_xdp_fast_path() -> Result<()> {
+    if skip_unless_root("udp_pair_through_the_xdp_fast_path") {
+        return Ok(());
+    }
+    let topo = Topology::new()?;
+    let mut relay = start_relay(&topo, "udp_fast_path = \"xdp\"").await?;
+    let (log, _) = ten_thousand_each_way(&topo, &mut relay)
+        .await
+        .with_context(|| relay.daemon.log_text())?;
+    ensure!(
+        log.contains("UDP fast path loaded"),
+        "the XDP program did not load:\n{log}"
+    );
+    ensure!(
+        log.contains("path=\"xdp\""),
+        "the pair did not take the fast path:\n{log}"
+    );
+    report(&log);
+    let xdp = log_field(&log, "udp allocation closed", "xdp_packets").context("xdp_packets")?;
+    let user = log_field(&log, "udp allocation closed", "userspace_packets")
+        .context("userspace_packets")?;
+    // The program's own per-flow counters carried every datagram of the series; relayd
+    // itself saw at most the warm-up.
+    ensure!(
+        xdp >= 2 * u64::from(DATAGRAMS),
+        "XDP carried {xdp} packets, expected at least {}:\n{log}",
+        2 * DATAGRAMS
+    );
+    ensure!(user <= 6, "userspace carried {user} packets:\n{log}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_pair_through_the_userspace_forwarder() -> Result<()> {
+    if skip_unless_root("udp_pair_through_the_userspace_forwarder") {
+        return Ok(());
+    }
+    let topo = Topology::new()?;
+    let mut relay = start_relay(&topo, "udp_fast_path = \"userspace\"").await?;
+    let (log, _) = ten_thousand_each_way(&topo, &mut relay)
+        .await
+        .with_context(|| relay.daemon.log_text())?;
+    report(&log);
+    let xdp = log_field(&log, "udp allocation closed", "xdp_packets").context("xdp_packets")?;
+    let user = log_field(&log, "udp allocation closed", "userspace_packets")
+        .context("userspace_packets")?;
+    ensure!(xdp == 0, "XDP carried {xdp} packets with the fast path off");
+    ensure!(
+        user >= 2 * u64::from(DATAGRAMS) + 6,
+        "userspace carried {user} packets"
+    );
+    Ok(())
+}
