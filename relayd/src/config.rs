@@ -73,13 +73,20 @@ pub struct XdpSettings {
     pub mode: String,
     /// Interfaces named in the configuration, or `None` for every one but loopback.
     pub interfaces: Option<Vec<String>>,
+    /// The relay's bind address.
+    pub bind: IpAddr,
 }
 
 impl XdpSettings {
-    /// The interfaces to attach to.
-    pub fn interfaces(&self) -> Result<Vec<String>> {
+    /// The interfaces to attach to: those configured, else every one but loopback. A relay
+    /// bound to a loopback address gets none: loopback traffic never meets an XDP program,
+    /// and the host's real interfaces are left alone.
+    pub fn interfaces(&self, bind: IpAddr) -> Result<Vec<String>> {
         if let Some(list) = &self.interfaces {
             return Ok(list.clone());
+        }
+        if bind.is_loopback() {
+            bail!("`bind` = {bind} is a loopback address, which XDP never sees");
         }
         let mut found = Vec::new();
         for entry in std::fs::read_dir("/sys/class/net").context("listing /sys/class/net")? {
@@ -180,6 +187,7 @@ impl Config {
                 enabled,
                 mode: raw.xdp_mode,
                 interfaces: raw.xdp_interfaces,
+                bind: raw.bind,
             },
             servers,
             public_address: raw.public_address,

@@ -93,7 +93,7 @@ mod imp {
         }
 
         fn try_load(settings: &XdpSettings) -> Result<FastPath> {
-            let interfaces = settings.interfaces()?;
+            let interfaces = settings.interfaces(settings.bind)?;
             if interfaces.is_empty() {
                 anyhow::bail!("no network interface to attach to (set `xdp_interfaces`)");
             }

@@ -90,8 +90,21 @@ impl Netns {
 
     /// Starts one of the workspace's binaries inside the namespace.
     pub fn daemon(&self, bin: &str, args: &[&str], log: &Path) -> Result<Daemon> {
+        self.daemon_wrapped(&[], bin, args, log)
+    }
+
+    /// Like [`Netns::daemon`], run through `wrapper` (say `setpriv` dropping capabilities).
+    pub fn daemon_wrapped(
+        &self,
+        wrapper: &[&str],
+        bin: &str,
+        args: &[&str],
+        log: &Path,
+    ) -> Result<Daemon> {
         let path = crate::binary(bin);
-        let mut all = vec!["netns", "exec", &self.name, path.to_str().context("path")?];
+        let mut all = vec!["netns", "exec", &self.name];
+        all.extend_from_slice(wrapper);
+        all.push(path.to_str().context("path")?);
         all.extend_from_slice(args);
         Daemon::start(ip(), &all, log)
     }

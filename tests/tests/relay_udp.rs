@@ -24,6 +24,11 @@ struct Relay {
 
 /// relayd in the relay namespace, registered with the test playing netportd there.
 async fn start_relay(topo: &Topology, extra: &str) -> Result<Relay> {
+    start_relay_wrapped(topo, extra, &[]).await
+}
+
+/// [`start_relay`] through a wrapper command (like `setpriv`).
+async fn start_relay_wrapped(topo: &Topology, extra: &str, wrapper: &[&str]) -> Result<Relay> {
     let pki = Pki::new()?;
     let server = pki.issue(Role::Server, "netportd")?;
     let relay = pki.issue(Role::Relay, "relay-1")?;
@@ -46,7 +51,8 @@ async fn start_relay(topo: &Topology, extra: &str) -> Result<Relay> {
         ),
     )?;
     let log = pki.dir.path().join("relayd.log");
-    let daemon = topo.relay.daemon(
+    let daemon = topo.relay.daemon_wrapped(
+        wrapper,
         "relayd",
         &["--config", config.to_str().context("path")?],
         &log,
@@ -290,6 +296,37 @@ async fn udp_pair_through_the_userspace_forwarder() -> Result<()> {
     ensure!(xdp == 0, "XDP carried {xdp} packets with the fast path off");
     ensure!(
         user >= 2 * u64::from(DATAGRAMS) + 6,
+        "userspace carried {user} packets"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_capabilities_the_relay_says_why_and_forwards_in_userspace() -> Result<()> {
+    let name = "without_capabilities_the_relay_says_why_and_forwards_in_userspace";
+    if skip_unless_root(name) {
+        return Ok(());
+    }
+    let topo = Topology::new()?;
+    // Root without a single capability: what an unprivileged relayd has.
+    let no_caps = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"];
+    let mut relay = start_relay_wrapped(&topo, "udp_fast_path = \"xdp\"", &no_caps).await?;
+    let (log, _) = ten_thousand_each_way(&topo, &mut relay)
+        .await
+        .with_context(|| relay.daemon.log_text())?;
+    report(&log);
+    let why = log
+        .lines()
+        .find(|l| l.contains("UDP fast path unavailable"))
+        .with_context(|| format!("no line saying why the fast path is off:\n{log}"))?;
+    ensure!(
+        why.contains("CAP_BPF"),
+        "the reason does not name the capability: {why}"
+    );
+    let user = log_field(&log, "udp allocation closed", "userspace_packets")
+        .context("userspace_packets")?;
+    ensure!(
+        user >= 2 * u64::from(DATAGRAMS),
         "userspace carried {user} packets"
     );
     Ok(())
