@@ -40,6 +40,13 @@ pub struct RelaydToml {
     pub xdp_mode: String,
     /// Interfaces to attach the XDP program to (default: every interface but loopback).
     pub xdp_interfaces: Option<Vec<String>>,
+    /// "nftables" (default): keep a table that admits only allocated ports of the range;
+    /// "none": leave the firewall alone.
+    #[serde(default = "default_firewall")]
+    pub firewall: String,
+    /// The nftables table relayd owns (family inet). Default "netport_relayd".
+    #[serde(default = "default_nftables_table")]
+    pub nftables_table: String,
     /// Certificates.
     pub tls: netport_common::TlsToml,
 }
@@ -58,6 +65,14 @@ fn default_udp_idle() -> u64 {
 
 fn default_udp_fast_path() -> String {
     "xdp".into()
+}
+
+fn default_firewall() -> String {
+    "nftables".into()
+}
+
+fn default_nftables_table() -> String {
+    "netport_relayd".into()
 }
 
 fn default_xdp_mode() -> String {
@@ -121,6 +136,8 @@ pub struct Config {
     pub udp_idle: std::time::Duration,
     /// The UDP fast path.
     pub xdp: XdpSettings,
+    /// The nftables table to keep, if any.
+    pub nftables_table: Option<String>,
     /// TLS credentials.
     pub credentials: Credentials,
 }
@@ -180,8 +197,25 @@ impl Config {
                 raw.xdp_mode
             );
         }
+        let nftables_table = match raw.firewall.as_str() {
+            "nftables" => {
+                let t = &raw.nftables_table;
+                if t.is_empty()
+                    || t.len() > 64
+                    || !t
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    bail!("`nftables_table` = \"{t}\" must be 1 to 64 letters, digits, `_` or `-`");
+                }
+                Some(raw.nftables_table.clone())
+            }
+            "none" => None,
+            other => bail!("`firewall` = \"{other}\" must be \"nftables\" or \"none\""),
+        };
         let credentials = raw.tls.load(base, Role::Relay)?;
         Ok(Config {
+            nftables_table,
             udp_idle: std::time::Duration::from_secs(raw.udp_idle_secs),
             xdp: XdpSettings {
                 enabled,

@@ -9,6 +9,7 @@
 
 pub mod config;
 mod control;
+mod firewall;
 mod pairing;
 mod udp;
 pub mod xdp;
@@ -25,7 +26,8 @@ pub use config::Config;
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<()> {
     let config = Arc::new(config);
     let fast = load_fast_path(&config);
-    let (allocations, mut closed) = pairing::Allocations::new(config.clone(), fast);
+    let fw = start_firewall(&config);
+    let (allocations, mut closed) = pairing::Allocations::new(config.clone(), fast, fw);
     let mut backoff = Duration::from_millis(200);
     loop {
         for (addr, name) in &config.servers {
@@ -90,6 +92,28 @@ fn load_fast_path(config: &Config) -> Option<Arc<xdp::FastPath>> {
                 path = "userspace",
                 "UDP fast path unavailable, forwarding UDP allocations in userspace: {why}"
             );
+            None
+        }
+    }
+}
+
+/// Builds relayd's nftables table if the configuration wants it; one log line either way.
+fn start_firewall(config: &Config) -> Option<Arc<firewall::Firewall>> {
+    let table = config.nftables_table.as_deref()?;
+    if config.bind.is_loopback() {
+        tracing::info!(
+            "nftables table not used: `bind` = {} is a loopback address",
+            config.bind
+        );
+        return None;
+    }
+    match firewall::Firewall::start(table, config.port_first, config.port_last) {
+        Ok(fw) => {
+            tracing::info!(table, ports = %format!("{}-{}", config.port_first, config.port_last), "nftables table in place: only allocated ports of the range are open");
+            Some(Arc::new(fw))
+        }
+        Err(e) => {
+            tracing::warn!(table, "running without the nftables table: {e:#}");
             None
         }
     }

@@ -14,6 +14,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::firewall::{Firewall, Opened};
 use crate::xdp::FastPath;
 
 /// An allocation that ended, for the server.
@@ -43,12 +44,15 @@ pub struct Allocations {
     cursor: Arc<Mutex<u16>>,
     /// The XDP fast path for UDP pairs, when it loaded.
     fast: Option<Arc<FastPath>>,
+    /// relayd's nftables table, when in use.
+    fw: Option<Arc<Firewall>>,
 }
 
 impl Allocations {
     pub fn new(
         config: Arc<Config>,
         fast: Option<Arc<FastPath>>,
+        fw: Option<Arc<Firewall>>,
     ) -> (Allocations, mpsc::UnboundedReceiver<Closed>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let first = config.port_first;
@@ -59,6 +63,7 @@ impl Allocations {
                 closed: tx,
                 cursor: Arc::new(Mutex::new(first)),
                 fast,
+                fw,
             },
             rx,
         )
@@ -101,7 +106,9 @@ impl Allocations {
                     return failed("no free port pair");
                 };
                 let ports = (port(la.local_addr()), port(lb.local_addr()));
+                let opened = self.open(Transport::Tcp, ports);
                 let task = tokio::spawn(async move {
+                    let _opened = opened;
                     let outcome =
                         pair_and_splice(alloc_id, la, lb, ta, tb, ttl, hello_timeout).await;
                     this.finish(outcome);
@@ -122,6 +129,7 @@ impl Allocations {
                     ttl,
                     idle: self.config.udp_idle,
                     fast: self.fast.clone(),
+                    opened: self.open(Transport::Udp, ports),
                 };
                 let task = tokio::spawn(async move {
                     let outcome = crate::udp::run(pair).await;
@@ -149,6 +157,10 @@ impl Allocations {
             port_a: ports.0,
             port_b: ports.1,
         }
+    }
+
+    fn open(&self, transport: Transport, ports: (u16, u16)) -> Option<Opened> {
+        Opened::new(self.fw.as_ref()?, transport, [ports.0, ports.1])
     }
 
     fn finish(&self, outcome: Closed) {
@@ -201,10 +213,13 @@ impl Allocations {
         }
     }
 
-    /// Drops everything (shutdown).
+    /// Drops everything (shutdown), the nftables table included.
     pub fn close_all(&self) {
         for (_, e) in self.lock().drain() {
             e.task.abort();
+        }
+        if let Some(fw) = &self.fw {
+            fw.remove();
         }
     }
 }

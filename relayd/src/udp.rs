@@ -18,6 +18,7 @@ use netport_proto::relay::{self, BAD_TOKEN, HELLO_LEN, READY, Token};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
+use crate::firewall::Opened;
 use crate::pairing::{Closed, MAX_BAD_HELLOS};
 use crate::xdp::{self, FastPath};
 
@@ -31,6 +32,8 @@ pub struct Pair {
     pub ttl: Duration,
     pub idle: Duration,
     pub fast: Option<Arc<FastPath>>,
+    /// The pair's ports in relayd's nftables table (closed when dropped).
+    pub opened: Option<Opened>,
 }
 
 /// Counters of one direction.
@@ -90,10 +93,10 @@ fn local_toward(sock: &UdpSocket, peer: SocketAddr) -> Option<SocketAddr> {
 fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
     match a {
         SocketAddr::V4(a) => Some(a),
-        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
-            Some(ip) => Some(SocketAddrV4::new(ip, a.port())),
-            None => None,
-        },
+        SocketAddr::V6(a) => a
+            .ip()
+            .to_ipv4_mapped()
+            .map(|ip| SocketAddrV4::new(ip, a.port())),
     }
 }
 
@@ -137,6 +140,7 @@ pub async fn run(p: Pair) -> Closed {
         ttl,
         idle,
         fast,
+        opened,
     } = p;
     let closed = |reason: &str, ab: Dir, ba: Dir| Closed {
         alloc_id,
@@ -191,6 +195,9 @@ pub async fn run(p: Pair) -> Closed {
     let (Some(x), Some(y)) = (x, y) else {
         return closed("internal", Dir::default(), Dir::default());
     };
+    if let Some(o) = &opened {
+        o.pin_udp([x, y]);
+    }
     let hello_a = relay::encode_hello(&token_a);
     let hello_b = relay::encode_hello(&token_b);
     let installed = match &fast {

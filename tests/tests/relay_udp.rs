@@ -20,6 +20,8 @@ struct Relay {
     _pki: Pki,
     daemon: Daemon,
     conn: ControlConn,
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
 }
 
 /// relayd in the relay namespace, registered with the test playing netportd there.
@@ -57,6 +59,22 @@ async fn start_relay_wrapped(topo: &Topology, extra: &str, wrapper: &[&str]) -> 
         &["--config", config.to_str().context("path")?],
         &log,
     )?;
+    let conn = register(&listener, &acceptor, &daemon).await?;
+    Ok(Relay {
+        _pki: pki,
+        daemon,
+        conn,
+        listener,
+        acceptor,
+    })
+}
+
+/// Accepts relayd's control connection and welcomes it.
+async fn register(
+    listener: &tokio::net::TcpListener,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    daemon: &Daemon,
+) -> Result<ControlConn> {
     let (tcp, _) = tokio::time::timeout(T, listener.accept())
         .await
         .with_context(|| format!("relayd did not connect:\n{}", daemon.log_text()))??;
@@ -79,11 +97,7 @@ async fn start_relay_wrapped(topo: &Topology, extra: &str, wrapper: &[&str]) -> 
         heartbeat_secs: 5,
     })
     .await?;
-    Ok(Relay {
-        _pki: pki,
-        daemon,
-        conn,
-    })
+    Ok(conn)
 }
 
 /// Sends the hello until the relay answers READY.
@@ -328,6 +342,155 @@ async fn without_capabilities_the_relay_says_why_and_forwards_in_userspace() -> 
     ensure!(
         user >= 2 * u64::from(DATAGRAMS),
         "userspace carried {user} packets"
+    );
+    Ok(())
+}
+
+/// What a TCP connection attempt from a namespace ran into.
+#[derive(Debug, PartialEq, Eq)]
+enum Probe {
+    Connected,
+    /// RST: nothing listens, but the port is reachable.
+    Refused,
+    /// No answer: a firewall dropped the SYN.
+    Dropped,
+}
+
+fn probe(ns: &netport_e2e::netns::Netns, addr: &str) -> Result<Probe> {
+    let addr: SocketAddr = addr.parse()?;
+    ns.enter(move || {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(700)) {
+            Ok(_) => Probe::Connected,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Probe::Refused,
+            Err(_) => Probe::Dropped,
+        }
+    })
+}
+
+/// Polls `probe` until it gives `want` (rules change a moment after the message).
+async fn until_probe(topo: &Topology, addr: &str, want: Probe) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let got = probe(&topo.x, addr)?;
+        if got == want {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{addr}: expected {want:?}, still {got:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn allocate_tcp(relay: &mut Relay, id: u64) -> Result<(u16, u16)> {
+    relay
+        .conn
+        .send(&Message::Allocate {
+            alloc_id: id,
+            token_a: token_to_hex(&[1; 32]),
+            token_b: token_to_hex(&[2; 32]),
+            ttl_ms: 60_000,
+            transport: Transport::Tcp,
+        })
+        .await?;
+    match relay.conn.recv(T).await? {
+        Message::Allocated {
+            alloc_id,
+            port_a,
+            port_b,
+        } if alloc_id == id => Ok((port_a, port_b)),
+        other => bail!("expected allocated, got {other:?}"),
+    }
+}
+
+fn tcp_open_set(topo: &Topology) -> Result<String> {
+    topo.relay.exec(
+        "nft",
+        &["list", "set", "inet", "netport_relayd", "tcp_open"],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nftables_opens_only_allocated_ports_and_a_restart_removes_stale_rules() -> Result<()> {
+    let name = "nftables_opens_only_allocated_ports_and_a_restart_removes_stale_rules";
+    if skip_unless_root(name) {
+        return Ok(());
+    }
+    let topo = Topology::new()?;
+    let mut relay = start_relay(&topo, "udp_fast_path = \"userspace\"").await?;
+    let log = relay.daemon.log_text();
+    ensure!(log.contains("nftables table in place"), "no table:\n{log}");
+    // The first allocation takes the first two ports of the range.
+    let first = format!("{}:40000", Topology::RELAY_X);
+
+    // Before allocation: dropped (no RST, as if nothing were there).
+    ensure!(
+        probe(&topo.x, &first)? == Probe::Dropped,
+        "port open before allocation"
+    );
+    let (pa, _) = allocate_tcp(&mut relay, 1).await?;
+    ensure!(pa == 40000, "first allocation got port {pa}");
+    until_probe(&topo, &first, Probe::Connected).await?;
+    // A port of the range that is not allocated stays closed meanwhile.
+    ensure!(
+        probe(&topo.x, &format!("{}:40005", Topology::RELAY_X))? == Probe::Dropped,
+        "an unallocated port of the range is open"
+    );
+    // Outside the range nothing changes: a closed port answers RST as usual.
+    ensure!(
+        probe(&topo.x, &format!("{}:39999", Topology::RELAY_X))? == Probe::Refused,
+        "traffic outside the range was touched"
+    );
+    relay.conn.send(&Message::Release { alloc_id: 1 }).await?;
+    match relay.conn.recv(T).await? {
+        Message::AllocationClosed { alloc_id: 1, .. } => {}
+        other => bail!("expected allocation_closed, got {other:?}"),
+    }
+    until_probe(&topo, &first, Probe::Dropped)
+        .await
+        .with_context(|| relay.daemon.log_text())?;
+
+    // Killed with ports open: the rules stay behind, until relayd starts again.
+    let (pc, _) = allocate_tcp(&mut relay, 2).await?;
+    ensure!(
+        tcp_open_set(&topo)?.contains(&pc.to_string()),
+        "port {pc} not in the set"
+    );
+    relay.daemon.kill();
+    ensure!(
+        tcp_open_set(&topo)?.contains(&pc.to_string()),
+        "the killed relay's rule vanished by itself"
+    );
+    relay.daemon.restart()?;
+    relay.conn = register(&relay.listener, &relay.acceptor, &relay.daemon).await?;
+    let set = tcp_open_set(&topo)?;
+    ensure!(
+        !set.contains(&pc.to_string()),
+        "stale port {pc} still open:\n{set}"
+    );
+    ensure!(
+        relay
+            .daemon
+            .log_text()
+            .contains("removed the nftables table a previous relayd left behind"),
+        "{}",
+        relay.daemon.log_text()
+    );
+
+    // A clean shutdown takes the table away.
+    netport_e2e::netns::run("kill", &["-TERM", &relay.daemon.child.id().to_string()])?;
+    let deadline = tokio::time::Instant::now() + T;
+    while relay.daemon.child.try_wait()?.is_none() {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "relayd did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(
+        tcp_open_set(&topo).is_err(),
+        "the table outlived a clean shutdown:\n{}",
+        relay.daemon.log_text()
     );
     Ok(())
 }
