@@ -9,9 +9,18 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use anyhow::{Context, Result, bail};
+use std::net::SocketAddr;
+use std::time::Duration;
 
-use crate::Daemon;
+use anyhow::{Context, Result, bail};
+use netport_proto::control::{Message, PeerRole};
+use netport_proto::identity::Role;
+use netport_proto::relay::{READY, Token, encode_hello};
+use tokio::net::UdpSocket;
+
+use crate::{Control, ControlConn, Daemon, Pki};
+
+const T: Duration = Duration::from_secs(20);
 
 /// Whether this process runs as root (effective uid 0).
 pub fn is_root() -> bool {
@@ -229,4 +238,108 @@ impl Topology {
         peer.exec("ethtool", &["-K", &pn, "tx", "off", "gro", "on"])?;
         Ok(())
     }
+}
+
+/// relayd running in a [`Topology`]'s relay namespace.
+pub struct Relay {
+    pub pki: Pki,
+    pub daemon: Daemon,
+    /// The control connection (the caller plays netportd).
+    pub conn: ControlConn,
+    pub listener: tokio::net::TcpListener,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+/// relayd in the relay namespace of `topo` (ports 40000-40009, `extra` appended to its
+/// configuration), registered with the caller playing netportd there.
+pub async fn start_relay(topo: &Topology, extra: &str) -> Result<Relay> {
+    start_relay_wrapped(topo, extra, &[]).await
+}
+
+/// [`start_relay`] through a wrapper command (like `setpriv`).
+pub async fn start_relay_wrapped(topo: &Topology, extra: &str, wrapper: &[&str]) -> Result<Relay> {
+    let pki = Pki::new()?;
+    let server = pki.issue(Role::Server, "netportd")?;
+    let relay = pki.issue(Role::Relay, "relay-1")?;
+    let listener = topo.relay.tcp_listener("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(
+        pki.credentials(&server)?.control_server()?,
+    ));
+    let config = pki.dir.path().join("relayd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "servers = [\"{addr}\"]\npublic_address = \"{}\"\nbind = \"0.0.0.0\"\n\
+             ports = \"40000-40009\"\nudp_idle_secs = 2\n{extra}\n\
+             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            Topology::RELAY_X,
+            pki.ca_path().display(),
+            relay.cert.display(),
+            relay.key.display()
+        ),
+    )?;
+    let log = pki.dir.path().join("relayd.log");
+    let daemon = topo.relay.daemon_wrapped(
+        wrapper,
+        "relayd",
+        &["--config", config.to_str().context("path")?],
+        &log,
+    )?;
+    let conn = register(&listener, &acceptor, &daemon).await?;
+    Ok(Relay {
+        pki,
+        daemon,
+        conn,
+        listener,
+        acceptor,
+    })
+}
+
+/// Accepts relayd's control connection and welcomes it.
+pub async fn register(
+    listener: &tokio::net::TcpListener,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    daemon: &Daemon,
+) -> Result<ControlConn> {
+    let (tcp, _) = tokio::time::timeout(T, listener.accept())
+        .await
+        .with_context(|| format!("relayd did not connect:\n{}", daemon.log_text()))??;
+    let mut conn = Control::new(acceptor.accept(tcp).await?);
+    match conn.recv(T).await? {
+        Message::Hello {
+            role: PeerRole::Relay,
+            ..
+        } => {}
+        other => bail!("expected hello, got {other:?}"),
+    }
+    match conn.recv(T).await? {
+        Message::RelayRegister { .. } => {}
+        other => bail!("expected relay_register, got {other:?}"),
+    }
+    conn.send(&Message::Welcome {
+        version: 1,
+        identity: "netport://relay/relay-1".into(),
+        policy: "test".into(),
+        heartbeat_secs: 5,
+    })
+    .await?;
+    Ok(conn)
+}
+
+/// Sends the hello until the relay answers READY.
+pub async fn join(sock: &UdpSocket, relay: SocketAddr, token: &Token) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + T;
+    let mut buf = [0u8; 64];
+    while tokio::time::Instant::now() < deadline {
+        sock.send_to(&encode_hello(token), relay).await?;
+        if let Ok(Ok((n, from))) =
+            tokio::time::timeout(Duration::from_millis(200), sock.recv_from(&mut buf)).await
+            && from == relay
+            && buf[..n] == READY[..]
+        {
+            return Ok(());
+        }
+    }
+    bail!("the relay never answered READY")
 }
