@@ -321,7 +321,8 @@ pub async fn register(
         version: 1,
         identity: "netport://relay/relay-1".into(),
         policy: "test".into(),
-        heartbeat_secs: 5,
+        // Long: the caller answers no heartbeats while it measures.
+        heartbeat_secs: 60,
     })
     .await?;
     Ok(conn)

@@ -89,6 +89,26 @@ async fn ten_thousand_each_way(topo: &Topology, relay: &mut Relay) -> Result<(St
     jx.context("X joining")?;
     jy.context("Y joining")?;
 
+    // With the firewall on, each joined port now admits only its peer.
+    if let Ok(peers) = topo.relay.exec(
+        "nft",
+        &["list", "set", "inet", "netport_relayd", "udp_peers"],
+    ) {
+        for (peer, port) in [(Topology::X, pa), (Topology::Y, pb)] {
+            ensure!(
+                peers.contains(&format!("{peer} . {port}")),
+                "{peer} . {port} not admitted:\n{peers}"
+            );
+        }
+        let open = topo.relay.exec(
+            "nft",
+            &["list", "set", "inet", "netport_relayd", "udp_open"],
+        )?;
+        ensure!(
+            !open.contains(&pa.to_string()),
+            "port {pa} still open to all:\n{open}"
+        );
+    }
     let mut buf = vec![0u8; 65_536];
     // First packets each way: neighbours get resolved, so the fast path finds its routes.
     for _ in 0..3 {
