@@ -16,21 +16,9 @@ if ! command -v git >/dev/null; then
   fi
 fi
 
-# The relay's kernel fast path is compiled with clang (relayd/build.rs); the network
-# namespace tests drive ip, ethtool, nft and setpriv. Installed only when missing.
-need=()
-command -v clang >/dev/null || need+=(clang llvm)
-[ -e /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
-command -v nft >/dev/null || need+=(nftables)
-command -v ip >/dev/null || need+=(iproute2)
-command -v ethtool >/dev/null || need+=(ethtool)
-if [ "${#need[@]}" -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
-  else
-    echo "note: not root, cannot install ${need[*]}: relayd builds without the XDP fast path and the namespace tests skip" >&2
-  fi
-fi
+# clang and libbpf-dev for the relay's XDP program, nftables, iproute2 and ethtool for the
+# namespace tests: installed when missing.
+./scripts/deps.sh
 
 # One debug build serves every test binary, the CLI tests and the examples check.
 cargo build --workspace --all-targets --locked
