@@ -274,6 +274,8 @@ pub async fn run(p: Pair) -> Closed {
         packets: user[1].packets + kernel[1].packets,
         bytes: user[1].bytes + kernel[1].bytes,
     };
+    // The program's own counters over all pairs, for the log and its readers.
+    let stats = fast.as_ref().map(|f| f.stats()).unwrap_or_default();
     tracing::info!(
         alloc_id,
         a_to_b = ab.bytes,
@@ -281,6 +283,8 @@ pub async fn run(p: Pair) -> Closed {
         xdp_packets = kernel[0].packets + kernel[1].packets,
         userspace_packets = user[0].packets + user[1].packets,
         stray,
+        xdp_forwarded_total = stats.forwarded,
+        xdp_passed_no_route_total = stats.pass_fib,
         %reason,
         "udp allocation closed"
     );

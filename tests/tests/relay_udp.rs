@@ -209,6 +209,13 @@ async fn udp_pair_through_the_xdp_fast_path() -> Result<()> {
         2 * DATAGRAMS
     );
     ensure!(user <= 6, "userspace carried {user} packets:\n{log}");
+    // And the program-wide counter agrees.
+    let total = log_field(&log, "udp allocation closed", "xdp_forwarded_total")
+        .context("xdp_forwarded_total")?;
+    ensure!(
+        total >= xdp,
+        "program counted {total} forwarded, the flows {xdp}"
+    );
     Ok(())
 }
 
