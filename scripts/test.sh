@@ -17,6 +17,9 @@ if ! command -v git >/dev/null; then
 fi
 
 scripts/need-openssl.sh
+# clang and libbpf-dev for the relay's XDP program, nftables, iproute2 and ethtool for the
+# namespace tests: installed when missing.
+./scripts/deps.sh
 
 # One debug build serves every test binary, the CLI tests and the examples check.
 cargo build --workspace --all-targets --locked

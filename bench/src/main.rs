@@ -4,6 +4,7 @@
 //! netport-bench gen --portals 10000 --services 1000 --access 10000 --out DIR
 //! netport-bench policy [--portals N] [--services N] [--access N] [--runs N]
 //! netport-bench tunnel [--rounds N] [--peers direct,netport,ssh,stunnel,rathole]
+//! netport-bench relay-udp [--seconds N] [--sizes 64,1400] [--paths userspace,xdp]
 //! ```
 //!
 //! See `bench/README.md`.
@@ -18,6 +19,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod generate;
 mod policy;
+mod relay_udp;
 mod reload;
 mod rng;
 mod tunnel;
@@ -51,6 +53,9 @@ enum Command {
     /// Measure Netport's tunnel against direct TCP, ssh -L, a stunnel chain and rathole, on
     /// 127.0.0.1: throughput, latency, new connections per second, memory.
     Tunnel(tunnel::Args),
+    /// The relay's UDP forwarding rate and CPU per packet, XDP against userspace, between
+    /// two network namespaces (needs root).
+    RelayUdp(relay_udp::Args),
 }
 
 /// The size and shape of a generated policy.
@@ -141,5 +146,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Policy(args) => policy::run(args),
         Command::Tunnel(args) => tunnel::run(args),
         Command::Reload(args) => reload::run(args),
+        Command::RelayUdp(args) => relay_udp::run(args),
     }
 }

@@ -26,6 +26,13 @@ pub struct PortalToml {
     /// exits (default 30); nothing new is accepted meanwhile.
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: u64,
+    /// Seconds a UDP flow with no datagram either way lives before it is closed (default 60).
+    #[serde(default = "default_udp_idle")]
+    pub udp_idle_secs: u64,
+    /// Largest UDP payload carried, in bytes; larger datagrams are counted and dropped with
+    /// a log line (default and maximum 65507, the largest IPv4 UDP payload).
+    #[serde(default = "default_udp_max")]
+    pub udp_max_datagram: usize,
     /// Certificates.
     pub tls: netport_common::TlsToml,
 }
@@ -38,6 +45,26 @@ fn default_grace() -> u64 {
     30
 }
 
+fn default_udp_idle() -> u64 {
+    60
+}
+
+fn default_udp_max() -> usize {
+    MAX_UDP_PAYLOAD
+}
+
+/// The largest UDP payload over IPv4 (65535 minus the IPv4 and UDP headers).
+pub const MAX_UDP_PAYLOAD: usize = 65_507;
+
+/// How UDP services are carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpConfig {
+    /// A flow with no datagram either way for this long is closed.
+    pub idle: std::time::Duration,
+    /// Larger datagrams are dropped (and counted), never truncated.
+    pub max_datagram: usize,
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -45,6 +72,8 @@ pub struct Config {
     pub servers: Vec<(String, String)>,
     /// Idle link timeout.
     pub link_idle: std::time::Duration,
+    /// UDP flows.
+    pub udp: UdpConfig,
     /// TLS credentials.
     pub credentials: Credentials,
     /// The admin endpoint's address.
@@ -70,9 +99,22 @@ impl Config {
         if raw.link_idle_secs == 0 {
             bail!("`link_idle_secs` must be at least 1");
         }
+        if raw.udp_idle_secs == 0 {
+            bail!("`udp_idle_secs` must be at least 1");
+        }
+        if raw.udp_max_datagram == 0 || raw.udp_max_datagram > MAX_UDP_PAYLOAD {
+            bail!(
+                "`udp_max_datagram` = {} must be between 1 and {MAX_UDP_PAYLOAD} bytes",
+                raw.udp_max_datagram
+            );
+        }
         Ok(Config {
             servers,
             link_idle: std::time::Duration::from_secs(raw.link_idle_secs),
+            udp: UdpConfig {
+                idle: std::time::Duration::from_secs(raw.udp_idle_secs),
+                max_datagram: raw.udp_max_datagram,
+            },
             credentials,
             admin_listen: raw.admin_listen,
             shutdown_grace: std::time::Duration::from_secs(raw.shutdown_grace_secs),

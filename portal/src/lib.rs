@@ -14,6 +14,7 @@ mod link;
 mod listeners;
 pub mod mux;
 mod observe;
+mod udp;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

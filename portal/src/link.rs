@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use netport_proto::control::{LinkGrant, ListenerSpec, Message, RelayEndpoint};
+use netport_proto::control::{LinkGrant, ListenerSpec, Message, RelayEndpoint, Transport};
 use netport_proto::identity::{Identity, Role};
 use netport_proto::relay::{self, READY};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -26,9 +26,9 @@ use tokio_util::sync::CancellationToken;
 /// portal, so this sets the memory an idle connection costs; 16 KiB matches a TLS record.
 const COPY_BUF: usize = 16 * 1024;
 
-const OPEN_OK: u8 = 0;
+pub(crate) const OPEN_OK: u8 = 0;
 const OPEN_NOT_GRANTED: u8 = 1;
-const OPEN_DIAL_FAILED: u8 = 2;
+pub(crate) const OPEN_DIAL_FAILED: u8 = 2;
 
 /// How a client link opens streams: yamux to a Rust portal, V0.1 channels to a legacy one.
 #[derive(Clone, Debug)]
@@ -55,7 +55,7 @@ impl LinkOpener {
 
 /// A client link: a handle that opens streams, and whether it still runs.
 #[derive(Clone)]
-struct ClientLink {
+pub(crate) struct ClientLink {
     link_id: u64,
     opener: LinkOpener,
     dead: Arc<AtomicBool>,
@@ -64,7 +64,7 @@ struct ClientLink {
 }
 
 /// Counts a stream as open until dropped.
-struct Active(Arc<std::sync::atomic::AtomicUsize>);
+pub(crate) struct Active(Arc<std::sync::atomic::AtomicUsize>);
 
 impl Active {
     fn new(n: &Arc<std::sync::atomic::AtomicUsize>) -> Active {
@@ -178,48 +178,21 @@ pub async fn carry(
 ) -> Result<()> {
     let _ = tcp.set_nodelay(true);
     let started = std::time::Instant::now();
-    let mut stream = None;
-    let mut guard = None;
-    let mut link_id = 0;
-    for _ in 0..2 {
-        let link = client_link(&portal, spec).await?;
-        let active = Active::new(&link.active);
-        let opener = match &link.opener {
-            LinkOpener::Native(o) => o,
-            LinkOpener::Legacy(o) => {
-                let carried = o.carry(&spec.service, tcp).await;
-                drop(active);
-                return carried;
-            }
-        };
-        match opener.open().await {
-            Ok(s) => {
-                stream = Some(s);
-                guard = Some(active);
-                link_id = link.link_id;
-                break;
-            }
-            Err(_) => {
-                // The link died under us: forget it and set up a new one.
-                link.dead.store(true, Ordering::Relaxed);
-            }
+    let (mut stream, guard, link_id) = match open_channel(&portal, spec).await? {
+        Channel::Stream {
+            stream,
+            guard,
+            link_id,
+        } => (stream, guard, link_id),
+        Channel::Legacy { link, guard } => {
+            let LinkOpener::Legacy(o) = &link.opener else {
+                bail!("internal: a legacy channel on a native link");
+            };
+            let carried = o.carry(&spec.service, tcp).await;
+            drop(guard);
+            return carried;
         }
-    }
-    let mut stream = stream.ok_or_else(|| anyhow!("could not open a stream on a fresh link"))?;
-    let name = spec.service.as_bytes();
-    let mut header = Vec::with_capacity(2 + name.len());
-    header.extend_from_slice(&(name.len() as u16).to_be_bytes());
-    header.extend_from_slice(name);
-    stream.write_all(&header).await?;
-    let mut code = [0u8; 1];
-    stream
-        .read_exact(&mut code)
-        .await
-        .context("the serving portal closed the stream")?;
-    if code[0] != OPEN_OK {
-        let msg = read_msg(&mut stream).await.unwrap_or_default();
-        bail!("the serving portal refused `{}`: {msg}", spec.service);
-    }
+    };
     let counted = portal.stats.stream(Side::Client);
     let (up, down) =
         tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, COPY_BUF, COPY_BUF)
@@ -241,6 +214,76 @@ pub async fn carry(
     Ok(())
 }
 
+/// A channel to a service, as [`open_channel`] gives it.
+pub(crate) enum Channel {
+    /// A stream on a native link, accepted by the serving portal.
+    Stream {
+        stream: MuxStream,
+        /// Counts the stream as active on the link until dropped.
+        guard: Active,
+        link_id: u64,
+    },
+    /// The peer is a legacy (V0.1) portal: the caller carries the connection with the
+    /// legacy link framing.
+    Legacy { link: ClientLink, guard: Active },
+}
+
+/// Opens a stream to `spec`'s service on the link to its serving portal (set up on first
+/// use) and waits for the serving portal to accept it. The stream counts as active on the
+/// link until the returned guard is dropped.
+pub(crate) async fn open_channel(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Channel> {
+    let mut stream = None;
+    let mut guard = None;
+    let mut link_id = 0;
+    for _ in 0..2 {
+        let link = client_link(portal, spec).await?;
+        let active = Active::new(&link.active);
+        let opener = match &link.opener {
+            LinkOpener::Native(o) => o,
+            LinkOpener::Legacy(_) => {
+                return Ok(Channel::Legacy {
+                    link: link.clone(),
+                    guard: active,
+                });
+            }
+        };
+        match opener.open().await {
+            Ok(s) => {
+                stream = Some(s);
+                guard = Some(active);
+                link_id = link.link_id;
+                break;
+            }
+            Err(_) => {
+                // The link died under us: forget it and set up a new one.
+                link.dead.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    let (Some(mut stream), Some(guard)) = (stream, guard) else {
+        bail!("could not open a stream on a fresh link");
+    };
+    let name = spec.service.as_bytes();
+    let mut header = Vec::with_capacity(2 + name.len());
+    header.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    header.extend_from_slice(name);
+    stream.write_all(&header).await?;
+    let mut code = [0u8; 1];
+    stream
+        .read_exact(&mut code)
+        .await
+        .context("the serving portal closed the stream")?;
+    if code[0] != OPEN_OK {
+        let msg = read_msg(&mut stream).await.unwrap_or_default();
+        bail!("the serving portal refused `{}`: {msg}", spec.service);
+    }
+    Ok(Channel::Stream {
+        stream,
+        guard,
+        link_id,
+    })
+}
+
 async fn read_msg<S: AsyncRead + Unpin>(s: &mut S) -> Result<String> {
     let mut len = [0u8; 2];
     s.read_exact(&mut len).await?;
@@ -249,7 +292,7 @@ async fn read_msg<S: AsyncRead + Unpin>(s: &mut S) -> Result<String> {
     Ok(String::from_utf8_lossy(&msg).into_owned())
 }
 
-async fn refuse<S: AsyncWrite + Unpin>(s: &mut S, code: u8, msg: &str) {
+pub(crate) async fn refuse<S: AsyncWrite + Unpin>(s: &mut S, code: u8, msg: &str) {
     let m = msg.as_bytes();
     let mut out = vec![code];
     out.extend_from_slice(&(m.len().min(u16::MAX as usize) as u16).to_be_bytes());
@@ -430,6 +473,7 @@ pub async fn serve_incoming(
     let g = grants.clone();
     let st = streams.clone();
     let p = portal.clone();
+    let udp = portal.config.udp;
     let task = tokio::spawn(async move {
         let _up = p.stats.link(Side::Serving);
         let why = mux::server(tls, |stream| {
@@ -438,7 +482,7 @@ pub async fn serve_incoming(
             let peer = peer.clone();
             let p = p.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_stream(&p, stream, grants, streams, &peer).await {
+                if let Err(e) = serve_stream(&p, stream, grants, streams, &peer, udp).await {
                     tracing::warn!(%peer, "stream refused: {e:#}");
                 }
             });
@@ -464,17 +508,18 @@ async fn serve_stream(
     grants: SharedGrants,
     streams: OpenStreams,
     peer: &str,
+    config: crate::config::UdpConfig,
 ) -> Result<()> {
     let service = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut stream))
         .await
         .context("no stream header")??;
-    let target = grants
+    let grant = grants
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
         .find(|g| g.service == service)
-        .map(|g| g.target.clone());
-    let Some(target) = target else {
+        .map(|g| (g.target.clone(), g.transport));
+    let Some((target, transport)) = grant else {
         refuse(
             &mut stream,
             OPEN_NOT_GRANTED,
@@ -483,6 +528,9 @@ async fn serve_stream(
         .await;
         bail!("`{peer}` asked for `{service}`, which this link does not grant");
     };
+    if transport == Transport::Udp {
+        return crate::udp::serve(stream, streams, service, &target, config).await;
+    }
     let mut tcp =
         match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&target)).await {
             Ok(Ok(t)) => t,

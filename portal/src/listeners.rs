@@ -42,15 +42,20 @@ impl Listeners {
             if held.contains_key(&access) {
                 continue;
             }
-            if spec.transport == Transport::Udp {
-                tracing::warn!(access = %access, listen = %spec.listen, "UDP listeners are not supported by this portal yet; skipped");
-                continue;
-            }
             let portal = portal.clone();
             let s = spec.clone();
             let stop = CancellationToken::new();
             let st = stop.clone();
-            let task = tokio::spawn(async move { listen(portal, s, st).await });
+            let task = match spec.transport {
+                Transport::Tcp => tokio::spawn(async move { listen(portal, s, st).await }),
+                // UDP has no connection to wait for: a drain just closes the socket.
+                Transport::Udp => tokio::spawn(async move {
+                    tokio::select! {
+                        () = crate::udp::listen(portal, s) => {}
+                        () = st.cancelled() => {}
+                    }
+                }),
+            };
             held.insert(access, Held { spec, task, stop });
         }
         tracing::info!(policy = %&policy[..policy.len().min(12)], listeners = held.len(), "desired state applied");

@@ -30,6 +30,18 @@ pub enum Transport {
     Udp,
 }
 
+impl Transport {
+    /// `Tcp`, the default where a message leaves the transport out.
+    pub fn tcp() -> Transport {
+        Transport::Tcp
+    }
+
+    /// Whether this is `Tcp` (such fields are left out of messages).
+    pub fn is_tcp(&self) -> bool {
+        *self == Transport::Tcp
+    }
+}
+
 /// A listener the server wants a portal to hold.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenerSpec {
@@ -245,6 +257,11 @@ pub enum Message {
         token_b: String,
         /// Tokens expire this many milliseconds from now.
         ttl_ms: u64,
+        /// The pair's transport: `tcp` (the default, and what a relay that predates this
+        /// field assumes) or `udp` (a link over QUIC). Left out of the message when `tcp`,
+        /// so older relays keep accepting it.
+        #[serde(default = "Transport::tcp", skip_serializing_if = "Transport::is_tcp")]
+        transport: Transport,
     },
     /// Server → relay: open one port where two legacy portals meet with the same 8-byte
     /// `tokenR` (answered with `Allocated`, both ports equal).
@@ -541,6 +558,34 @@ mod tests {
         let body = String::from_utf8(offer.to_body()).expect("JSON is UTF-8");
         assert!(!body.contains("legacy"), "{body}");
         assert_eq!(Message::from_body(body.as_bytes()), Ok(offer));
+    }
+
+    #[test]
+    fn allocate_without_transport_is_tcp_and_tcp_is_left_out() {
+        let old =
+            br#"{"v":1,"type":"allocate","alloc_id":1,"token_a":"a","token_b":"b","ttl_ms":5}"#;
+        let Ok(Message::Allocate { transport, .. }) = Message::from_body(old) else {
+            panic!("an allocate without transport must parse");
+        };
+        assert_eq!(transport, Transport::Tcp);
+        let tcp = Message::Allocate {
+            alloc_id: 1,
+            token_a: "a".into(),
+            token_b: "b".into(),
+            ttl_ms: 5,
+            transport: Transport::Tcp,
+        };
+        assert_eq!(tcp.to_body(), old.to_vec());
+        let udp = Message::Allocate {
+            alloc_id: 1,
+            token_a: "a".into(),
+            token_b: "b".into(),
+            ttl_ms: 5,
+            transport: Transport::Udp,
+        };
+        let body = udp.to_body();
+        assert!(String::from_utf8_lossy(&body).contains(r#""transport":"udp""#));
+        assert_eq!(Message::from_body(&body), Ok(udp));
     }
 
     #[test]

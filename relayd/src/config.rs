@@ -36,6 +36,25 @@ pub struct RelaydToml {
     /// exits (default 30); nothing new is accepted meanwhile.
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: u64,
+    /// Seconds a paired UDP allocation may carry nothing before it is closed (default 120).
+    #[serde(default = "default_udp_idle")]
+    pub udp_idle_secs: u64,
+    /// How UDP allocations are forwarded: "xdp" (the default: the kernel fast path when it
+    /// can load, else userspace, with one log line saying why) or "userspace".
+    #[serde(default = "default_udp_fast_path")]
+    pub udp_fast_path: String,
+    /// XDP attach mode: "auto" (the kernel chooses; default), "native" or "skb".
+    #[serde(default = "default_xdp_mode")]
+    pub xdp_mode: String,
+    /// Interfaces to attach the XDP program to (default: every interface but loopback).
+    pub xdp_interfaces: Option<Vec<String>>,
+    /// "nftables" (default): keep a table that admits only allocated ports of the range;
+    /// "none": leave the firewall alone.
+    #[serde(default = "default_firewall")]
+    pub firewall: String,
+    /// The nftables table relayd owns (family inet). Default "netport_relayd".
+    #[serde(default = "default_nftables_table")]
+    pub nftables_table: String,
     /// Certificates.
     pub tls: netport_common::TlsToml,
 }
@@ -50,6 +69,62 @@ fn default_hello_timeout() -> u64 {
 
 fn default_grace() -> u64 {
     30
+}
+
+fn default_udp_idle() -> u64 {
+    120
+}
+
+fn default_udp_fast_path() -> String {
+    "xdp".into()
+}
+
+fn default_firewall() -> String {
+    "nftables".into()
+}
+
+fn default_nftables_table() -> String {
+    "netport_relayd".into()
+}
+
+fn default_xdp_mode() -> String {
+    "auto".into()
+}
+
+/// Where and how the XDP fast path runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XdpSettings {
+    /// Whether to try the fast path at all.
+    pub enabled: bool,
+    /// "auto", "native" or "skb".
+    pub mode: String,
+    /// Interfaces named in the configuration, or `None` for every one but loopback.
+    pub interfaces: Option<Vec<String>>,
+    /// The relay's bind address.
+    pub bind: IpAddr,
+}
+
+impl XdpSettings {
+    /// The interfaces to attach to: those configured, else every one but loopback. A relay
+    /// bound to a loopback address gets none: loopback traffic never meets an XDP program,
+    /// and the host's real interfaces are left alone.
+    pub fn interfaces(&self, bind: IpAddr) -> Result<Vec<String>> {
+        if let Some(list) = &self.interfaces {
+            return Ok(list.clone());
+        }
+        if bind.is_loopback() {
+            bail!("`bind` = {bind} is a loopback address, which XDP never sees");
+        }
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/sys/class/net").context("listing /sys/class/net")? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name != "lo" {
+                found.push(name);
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
 }
 
 /// A validated configuration: everything the daemon needs, nothing left to check.
@@ -69,6 +144,12 @@ pub struct Config {
     pub capacity: u32,
     /// Hello deadline.
     pub hello_timeout: std::time::Duration,
+    /// A paired UDP allocation idle this long is closed.
+    pub udp_idle: std::time::Duration,
+    /// The UDP fast path.
+    pub xdp: XdpSettings,
+    /// The nftables table to keep, if any.
+    pub nftables_table: Option<String>,
     /// TLS credentials.
     pub credentials: Credentials,
     /// The admin endpoint's address.
@@ -118,8 +199,46 @@ impl Config {
                 "`capacity` = {capacity} must be between 1 and {pairs} (each allocation takes two ports of `ports`)"
             );
         }
+        if raw.udp_idle_secs == 0 {
+            bail!("`udp_idle_secs` must be at least 1");
+        }
+        let enabled = match raw.udp_fast_path.as_str() {
+            "xdp" => true,
+            "userspace" => false,
+            other => bail!("`udp_fast_path` = \"{other}\" must be \"xdp\" or \"userspace\""),
+        };
+        if !["auto", "native", "skb"].contains(&raw.xdp_mode.as_str()) {
+            bail!(
+                "`xdp_mode` = \"{}\" must be \"auto\", \"native\" or \"skb\"",
+                raw.xdp_mode
+            );
+        }
+        let nftables_table = match raw.firewall.as_str() {
+            "nftables" => {
+                let t = &raw.nftables_table;
+                if t.is_empty()
+                    || t.len() > 64
+                    || !t
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    bail!("`nftables_table` = \"{t}\" must be 1 to 64 letters, digits, `_` or `-`");
+                }
+                Some(raw.nftables_table.clone())
+            }
+            "none" => None,
+            other => bail!("`firewall` = \"{other}\" must be \"nftables\" or \"none\""),
+        };
         let credentials = raw.tls.load(base, Role::Relay)?;
         Ok(Config {
+            nftables_table,
+            udp_idle: std::time::Duration::from_secs(raw.udp_idle_secs),
+            xdp: XdpSettings {
+                enabled,
+                mode: raw.xdp_mode,
+                interfaces: raw.xdp_interfaces,
+                bind: raw.bind,
+            },
             servers,
             public_address: raw.public_address,
             bind: raw.bind,

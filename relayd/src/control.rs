@@ -71,9 +71,9 @@ pub async fn session(
                             bail!("netportd refused this relay ({reason}): {message}");
                         }
                         Message::Heartbeat { .. } => {}
-                        Message::Allocate { alloc_id, token_a, token_b, ttl_ms } => {
+                        Message::Allocate { alloc_id, token_a, token_b, ttl_ms, transport } => {
                             let reply = allocations
-                                .allocate(alloc_id, &token_a, &token_b, Duration::from_millis(ttl_ms))
+                                .allocate(alloc_id, &token_a, &token_b, Duration::from_millis(ttl_ms), transport)
                                 .await;
                             wr.write_all(&encode_message(&reply)).await?;
                         }

@@ -9,8 +9,11 @@
 
 pub mod config;
 mod control;
+mod firewall;
 mod observe;
 mod pairing;
+mod udp;
+pub mod xdp;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,8 +26,11 @@ pub use config::Config;
 /// Runs the relay until `shutdown` turns true.
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<()> {
     let config = Arc::new(config);
+    let fast = load_fast_path(&config);
+    let fw = start_firewall(&config);
     let stats = Arc::new(observe::Stats::new(&config.credentials));
-    let (allocations, mut closed) = pairing::Allocations::new(config.clone(), stats.clone());
+    let (allocations, mut closed) =
+        pairing::Allocations::new(config.clone(), stats.clone(), fast, fw);
     if let Some(addr) = config.admin_listen {
         let listener = netport_common::admin::bind(addr).await?;
         let admin = observe::Admin {
@@ -76,5 +82,59 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             _ = shutdown.changed() => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Loads the UDP fast path if the configuration wants it; one log line either way.
+fn load_fast_path(config: &Config) -> Option<Arc<xdp::FastPath>> {
+    if !config.xdp.enabled {
+        tracing::info!(
+            path = "userspace",
+            "UDP allocations forwarded in userspace (udp_fast_path = \"userspace\")"
+        );
+        return None;
+    }
+    match xdp::FastPath::load(&config.xdp) {
+        Ok(f) => {
+            let forwarding = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+                .map(|s| s.trim() == "1")
+                .unwrap_or(false);
+            tracing::info!(path = "xdp", interfaces = %f.attached.join(", "), "UDP fast path loaded: XDP forwards paired UDP allocations in the kernel");
+            if !forwarding {
+                tracing::warn!(
+                    "net.ipv4.ip_forward is 0: the XDP program's route lookups fail, so UDP allocations fall back to userspace; set it to 1 (and drop forwarded traffic in nftables)"
+                );
+            }
+            Some(Arc::new(f))
+        }
+        Err(why) => {
+            tracing::warn!(
+                path = "userspace",
+                "UDP fast path unavailable, forwarding UDP allocations in userspace: {why}"
+            );
+            None
+        }
+    }
+}
+
+/// Builds relayd's nftables table if the configuration wants it; one log line either way.
+fn start_firewall(config: &Config) -> Option<Arc<firewall::Firewall>> {
+    let table = config.nftables_table.as_deref()?;
+    if config.bind.is_loopback() {
+        tracing::info!(
+            "nftables table not used: `bind` = {} is a loopback address",
+            config.bind
+        );
+        return None;
+    }
+    match firewall::Firewall::start(table, config.port_first, config.port_last) {
+        Ok(fw) => {
+            tracing::info!(table, ports = %format!("{}-{}", config.port_first, config.port_last), "nftables table in place: only allocated ports of the range are open");
+            Some(Arc::new(fw))
+        }
+        Err(e) => {
+            tracing::warn!(table, "running without the nftables table: {e:#}");
+            None
+        }
     }
 }

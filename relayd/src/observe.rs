@@ -15,7 +15,8 @@ use crate::pairing::{Allocations, Closed};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PathLabel {
-    /// The forwarding path: `userspace` (a copy loop in this process).
+    /// The forwarding path: `tcp-userspace` (a copy loop in this process), `udp-userspace`,
+    /// `udp-xdp` (the kernel fast path), `legacy-userspace`.
     path: String,
 }
 
@@ -35,8 +36,13 @@ pub struct Stats {
     pub(crate) registered: AtomicBool,
 }
 
-/// The only forwarding path so far.
-const USERSPACE: &str = "userspace";
+/// Every forwarding path, so each has a series from the start.
+const PATHS: [&str; 4] = [
+    "tcp-userspace",
+    "udp-userspace",
+    "udp-xdp",
+    "legacy-userspace",
+];
 
 impl Stats {
     pub fn new(creds: &Credentials) -> Self {
@@ -69,11 +75,9 @@ impl Stats {
         }
     }
 
-    pub(crate) fn opened(&self) {
+    pub(crate) fn opened(&self, path: &str) {
         self.allocations_opened
-            .get_or_create(&PathLabel {
-                path: USERSPACE.into(),
-            })
+            .get_or_create(&PathLabel { path: path.into() })
             .inc();
     }
 
@@ -97,12 +101,15 @@ pub struct Admin {
 
 impl AdminState for Admin {
     fn metrics(&self) -> String {
-        self.stats
-            .allocations
-            .get_or_create(&PathLabel {
-                path: USERSPACE.into(),
-            })
-            .set(self.allocations.live() as i64);
+        let live = self.allocations.live_by_path();
+        for path in PATHS {
+            let label = PathLabel { path: path.into() };
+            let _ = self.stats.allocations_opened.get_or_create(&label);
+            self.stats
+                .allocations
+                .get_or_create(&label)
+                .set(live.get(path).copied().unwrap_or(0) as i64);
+        }
         self.stats.metrics.render()
     }
 

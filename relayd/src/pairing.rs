@@ -5,15 +5,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use netport_proto::control::Message;
+use netport_proto::control::{Message, Transport};
 use netport_proto::relay::{self, BAD_TOKEN, HELLO_LEN, READY, Token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::firewall::{Firewall, Opened};
+use crate::xdp::FastPath;
 
 mod legacy;
 
@@ -28,11 +30,14 @@ pub struct Closed {
 
 /// Bad hellos an allocation tolerates before it is torn down: tokens are 256-bit random,
 /// so anything beyond a few mistakes is guessing.
-const MAX_BAD_HELLOS: u32 = 8;
+pub const MAX_BAD_HELLOS: u32 = 8;
 
 struct Entry {
     ports: (u16, u16),
     task: AbortHandle,
+    /// The forwarding path, for metrics: `tcp-userspace`, `udp-userspace`, `udp-xdp`,
+    /// `legacy-userspace`.
+    path: &'static str,
 }
 
 /// The live allocations.
@@ -43,6 +48,10 @@ pub struct Allocations {
     closed: mpsc::UnboundedSender<Closed>,
     cursor: Arc<Mutex<u16>>,
     stats: Arc<crate::observe::Stats>,
+    /// The XDP fast path for UDP pairs, when it loaded.
+    fast: Option<Arc<FastPath>>,
+    /// relayd's nftables table, when in use.
+    fw: Option<Arc<Firewall>>,
 }
 
 impl std::fmt::Debug for Allocations {
@@ -57,6 +66,8 @@ impl Allocations {
     pub fn new(
         config: Arc<Config>,
         stats: Arc<crate::observe::Stats>,
+        fast: Option<Arc<FastPath>>,
+        fw: Option<Arc<Firewall>>,
     ) -> (Allocations, mpsc::UnboundedReceiver<Closed>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let first = config.port_first;
@@ -67,6 +78,8 @@ impl Allocations {
                 closed: tx,
                 cursor: Arc::new(Mutex::new(first)),
                 stats,
+                fast,
+                fw,
             },
             rx,
         )
@@ -83,6 +96,7 @@ impl Allocations {
         token_a: &str,
         token_b: &str,
         ttl: Duration,
+        transport: Transport,
     ) -> Message {
         let failed = |reason: &str| Message::AllocateFailed {
             alloc_id,
@@ -100,30 +114,67 @@ impl Allocations {
         if self.lock().contains_key(&alloc_id) {
             return failed("allocation id in use");
         }
-        let Some((la, lb)) = self.bind_pair() else {
-            return failed("no free port pair");
-        };
-        let ports = (port(&la), port(&lb));
         let this = self.clone();
         let hello_timeout = self.config.hello_timeout;
-        let task = tokio::spawn(async move {
-            let outcome = pair_and_splice(alloc_id, la, lb, ta, tb, ttl, hello_timeout).await;
-            this.lock().remove(&alloc_id);
-            this.stats.closed(&outcome);
-            let _ = this.closed.send(outcome);
-        });
+        let (ports, task) = match transport {
+            Transport::Tcp => {
+                let Some((la, lb)) = self.bind_pair(bind_tcp) else {
+                    return failed("no free port pair");
+                };
+                let ports = (port(la.local_addr()), port(lb.local_addr()));
+                let opened = self.open(Transport::Tcp, ports);
+                let task = tokio::spawn(async move {
+                    let _opened = opened;
+                    let outcome =
+                        pair_and_splice(alloc_id, la, lb, ta, tb, ttl, hello_timeout).await;
+                    this.finish(outcome);
+                });
+                (ports, task)
+            }
+            Transport::Udp => {
+                let Some((a, b)) = self.bind_pair(bind_udp) else {
+                    return failed("no free port pair");
+                };
+                let ports = (port(a.local_addr()), port(b.local_addr()));
+                let pair = crate::udp::Pair {
+                    alloc_id,
+                    a,
+                    b,
+                    token_a: ta,
+                    token_b: tb,
+                    ttl,
+                    idle: self.config.udp_idle,
+                    fast: self.fast.clone(),
+                    opened: self.open(Transport::Udp, ports),
+                };
+                let task = tokio::spawn(async move {
+                    let outcome = crate::udp::run(pair).await;
+                    this.finish(outcome);
+                });
+                (ports, task)
+            }
+        };
+        // XDP takes over a UDP pair once both peers are in; until then (and when the program
+        // did not load) it is forwarded in userspace.
+        let path = match (transport, self.fast.is_some()) {
+            (Transport::Tcp, _) => "tcp-userspace",
+            (Transport::Udp, true) => "udp-xdp",
+            (Transport::Udp, false) => "udp-userspace",
+        };
         self.lock().insert(
             alloc_id,
             Entry {
                 ports,
                 task: task.abort_handle(),
+                path,
             },
         );
-        self.stats.opened();
+        self.stats.opened(path);
         tracing::info!(
             alloc_id,
             port_a = ports.0,
             port_b = ports.1,
+            ?transport,
             "allocation opened"
         );
         Message::Allocated {
@@ -133,16 +184,27 @@ impl Allocations {
         }
     }
 
-    /// Binds two free ports of the range, starting after the last one handed out.
-    fn bind_pair(&self) -> Option<(TcpListener, TcpListener)> {
-        let mut got = self.bind_ports(2)?;
+    fn open(&self, transport: Transport, ports: (u16, u16)) -> Option<Opened> {
+        Opened::new(self.fw.as_ref()?, transport, [ports.0, ports.1])
+    }
+
+    fn finish(&self, outcome: Closed) {
+        self.lock().remove(&outcome.alloc_id);
+        self.stats.closed(&outcome);
+        let _ = self.closed.send(outcome);
+    }
+
+    /// Binds two free ports of the range with `bind`, starting after the last one handed
+    /// out.
+    fn bind_pair<T>(&self, bind: impl Fn(SocketAddr) -> Option<T>) -> Option<(T, T)> {
+        let mut got = self.bind_ports(2, bind)?;
         let b = got.pop()?;
         let a = got.pop()?;
         Some((a, b))
     }
 
-    /// Binds `n` free ports of the range, starting after the last one handed out.
-    fn bind_ports(&self, n: usize) -> Option<Vec<TcpListener>> {
+    /// Binds `n` free ports of the range with `bind`, starting after the last one handed out.
+    fn bind_ports<T>(&self, n: usize, bind: impl Fn(SocketAddr) -> Option<T>) -> Option<Vec<T>> {
         let (first, last) = (self.config.port_first, self.config.port_last);
         let span = u32::from(last - first) + 1;
         let in_use: Vec<u16> = self
@@ -157,15 +219,7 @@ impl Allocations {
             if in_use.contains(&port) {
                 continue;
             }
-            let addr = SocketAddr::new(self.config.bind, port);
-            // std bind is synchronous and cannot block; then hand the socket to tokio.
-            let Ok(l) = std::net::TcpListener::bind(addr) else {
-                continue;
-            };
-            if l.set_nonblocking(true).is_err() {
-                continue;
-            }
-            let Ok(l) = TcpListener::from_std(l) else {
+            let Some(l) = bind(SocketAddr::new(self.config.bind, port)) else {
                 continue;
             };
             got.push(l);
@@ -196,6 +250,15 @@ impl Allocations {
         self.lock().len()
     }
 
+    /// Live allocations by forwarding path.
+    pub fn live_by_path(&self) -> HashMap<&'static str, usize> {
+        let mut out = HashMap::new();
+        for e in self.lock().values() {
+            *out.entry(e.path).or_default() += 1;
+        }
+        out
+    }
+
     /// Allocations held at most.
     pub fn capacity(&self) -> u32 {
         self.config.capacity
@@ -223,16 +286,32 @@ impl Allocations {
         self.close_all();
     }
 
-    /// Drops everything (shutdown).
+    /// Drops everything (shutdown), the nftables table included.
     pub fn close_all(&self) {
         for (_, e) in self.lock().drain() {
             e.task.abort();
         }
+        if let Some(fw) = &self.fw {
+            fw.remove();
+        }
     }
 }
 
-fn port(l: &TcpListener) -> u16 {
-    l.local_addr().map(|a| a.port()).unwrap_or(0)
+fn port(addr: std::io::Result<SocketAddr>) -> u16 {
+    addr.map(|a| a.port()).unwrap_or(0)
+}
+
+// std binds are synchronous and cannot block; then the socket goes to tokio.
+fn bind_tcp(addr: SocketAddr) -> Option<TcpListener> {
+    let l = std::net::TcpListener::bind(addr).ok()?;
+    l.set_nonblocking(true).ok()?;
+    TcpListener::from_std(l).ok()
+}
+
+fn bind_udp(addr: SocketAddr) -> Option<UdpSocket> {
+    let s = std::net::UdpSocket::bind(addr).ok()?;
+    s.set_nonblocking(true).ok()?;
+    UdpSocket::from_std(s).ok()
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

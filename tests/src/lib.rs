@@ -95,8 +95,14 @@ pub fn free_port_range(n: u16) -> Result<(u16, u16)> {
     bail!("no free port range of {n} found")
 }
 
-/// A path to one of the workspace's binaries, built by cargo for this test run.
+pub mod netns;
+
+/// A path to one of the workspace's binaries, built by cargo for this test run (an absolute
+/// path is taken as it is).
 pub fn binary(name: &str) -> PathBuf {
+    if name.starts_with('/') {
+        return PathBuf::from(name);
+    }
     let mut dir = std::env::current_exe().unwrap_or_default();
     dir.pop();
     if dir.ends_with("deps") {

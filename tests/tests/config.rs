@@ -68,6 +68,33 @@ fn bad_configurations_exit_two_naming_the_key() {
             "relay certificate",
         ),
         (
+            "portal",
+            vec![],
+            format!(
+                "servers = [\"127.0.0.1:1\"]\nudp_max_datagram = 70000\n{}",
+                tls(&good_cert)
+            ),
+            "udp_max_datagram",
+        ),
+        (
+            "relayd",
+            vec![],
+            format!(
+                "servers = [\"127.0.0.1:1\"]\npublic_address = \"127.0.0.1\"\nports = \"40000-40010\"\nudp_fast_path = \"ebpf\"\n{}",
+                tls(&good_cert)
+            ),
+            "udp_fast_path",
+        ),
+        (
+            "relayd",
+            vec![],
+            format!(
+                "servers = [\"127.0.0.1:1\"]\npublic_address = \"127.0.0.1\"\nports = \"40000-40010\"\nfirewall = \"iptables\"\n{}",
+                tls(&good_cert)
+            ),
+            "firewall",
+        ),
+        (
             "netportd",
             vec!["run"],
             format!(

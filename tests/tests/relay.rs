@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use netport_e2e::{ControlConn, ControlPeer, Daemon, Pki, free_port_range};
-use netport_proto::control::{Message, PeerRole};
+use netport_proto::control::{Message, PeerRole, Transport};
 use netport_proto::identity::Role;
 use netport_proto::relay::{BAD_TOKEN, READY, Token, encode_hello, token_to_hex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -90,6 +90,7 @@ async fn allocate(
         token_a: token_to_hex(ta),
         token_b: token_to_hex(tb),
         ttl_ms,
+        transport: Transport::Tcp,
     })
     .await?;
     match conn.recv(T).await? {

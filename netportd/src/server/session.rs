@@ -491,6 +491,7 @@ async fn open_link(
         token_a: token_to_hex(&ta),
         token_b: token_to_hex(&tb),
         ttl_ms: ttl.as_millis() as u64,
+        transport: Transport::Tcp,
     });
     let ports = match tokio::time::timeout(Duration::from_secs(5), rx).await {
         Ok(Ok(Ok(ports))) => ports,

@@ -7,6 +7,7 @@
 //! right one (a reused token) or anything that is not a hello gets `"Bad T !\n"` and a close,
 //! also while the pair is forwarding.
 
+use netport_proto::control::Transport;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -37,24 +38,30 @@ impl Allocations {
         if self.lock().contains_key(&alloc_id) {
             return failed("allocation id in use");
         }
-        let Some(l) = self.bind_ports(1).and_then(|mut v| v.pop()) else {
+        let Some(l) = self
+            .bind_ports(1, super::bind_tcp)
+            .and_then(|mut v| v.pop())
+        else {
             return failed("no free port");
         };
-        let port = super::port(&l);
+        let port = super::port(l.local_addr());
         let this = self.clone();
         let hello_timeout = self.config.hello_timeout;
+        let opened = self.open(Transport::Tcp, (port, port));
         let task = tokio::spawn(async move {
+            let _opened = opened;
             let outcome = pair_and_forward(alloc_id, l, t, ttl, hello_timeout).await;
-            this.lock().remove(&alloc_id);
-            let _ = this.closed.send(outcome);
+            this.finish(outcome);
         });
         self.lock().insert(
             alloc_id,
             Entry {
                 ports: (port, port),
                 task: task.abort_handle(),
+                path: "legacy-userspace",
             },
         );
+        self.stats.opened("legacy-userspace");
         tracing::info!(alloc_id, port, "legacy allocation opened");
         Message::Allocated {
             alloc_id,
