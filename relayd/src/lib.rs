@@ -9,6 +9,7 @@
 
 pub mod config;
 mod control;
+mod guard;
 mod pairing;
 
 use std::sync::Arc;

@@ -14,6 +14,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::guard::{Guard, MAX_PENDING_HELLOS};
 
 /// An allocation that ended, for the server.
 #[derive(Debug)]
@@ -23,10 +24,6 @@ pub struct Closed {
     pub b_to_a: u64,
     pub reason: String,
 }
-
-/// Bad hellos an allocation tolerates before it is torn down: tokens are 256-bit random,
-/// so anything beyond a few mistakes is guessing.
-const MAX_BAD_HELLOS: u32 = 8;
 
 struct Entry {
     ports: (u16, u16),
@@ -40,6 +37,7 @@ pub struct Allocations {
     live: Arc<Mutex<HashMap<u64, Entry>>>,
     closed: mpsc::UnboundedSender<Closed>,
     cursor: Arc<Mutex<u16>>,
+    guard: Arc<Guard>,
 }
 
 impl Allocations {
@@ -52,6 +50,7 @@ impl Allocations {
                 live: Arc::default(),
                 closed: tx,
                 cursor: Arc::new(Mutex::new(first)),
+                guard: Arc::default(),
             },
             rx,
         )
@@ -91,8 +90,10 @@ impl Allocations {
         let ports = (port(&la), port(&lb));
         let this = self.clone();
         let hello_timeout = self.config.hello_timeout;
+        let guard = self.guard.clone();
         let task = tokio::spawn(async move {
-            let outcome = pair_and_splice(alloc_id, la, lb, ta, tb, ttl, hello_timeout).await;
+            let outcome =
+                pair_and_splice(alloc_id, la, lb, ta, tb, ttl, hello_timeout, &guard).await;
             this.lock().remove(&alloc_id);
             let _ = this.closed.send(outcome);
         });
@@ -186,6 +187,20 @@ enum Side {
     B,
 }
 
+/// Whether a new connection to an allocation port gets to say its hello: not from an address
+/// refused for token guessing, and not beyond [`MAX_PENDING_HELLOS`] waiting at once.
+fn admit(alloc_id: u64, peer: SocketAddr, guard: &Guard, pending: usize) -> bool {
+    if guard.blocked(peer.ip()) {
+        tracing::debug!(alloc_id, %peer, "dropped a connection from an address refused for token guessing");
+        return false;
+    }
+    if pending >= MAX_PENDING_HELLOS {
+        tracing::warn!(alloc_id, %peer, pending, "dropped a connection: too many connections waiting to say hello");
+        return false;
+    }
+    true
+}
+
 async fn read_hello(mut s: TcpStream, timeout: Duration) -> (TcpStream, Option<Token>) {
     let mut hello = [0u8; HELLO_LEN];
     let token = match tokio::time::timeout(timeout, s.read_exact(&mut hello)).await {
@@ -195,6 +210,7 @@ async fn read_hello(mut s: TcpStream, timeout: Duration) -> (TcpStream, Option<T
     (s, token)
 }
 
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 async fn pair_and_splice(
     alloc_id: u64,
     la: TcpListener,
@@ -203,11 +219,11 @@ async fn pair_and_splice(
     tb: Token,
     ttl: Duration,
     hello_timeout: Duration,
+    guard: &Guard,
 ) -> Closed {
     let deadline = Instant::now() + ttl;
     let mut pending: JoinSet<(Side, SocketAddr, TcpStream, Option<Token>)> = JoinSet::new();
     let (mut a, mut b): (Option<TcpStream>, Option<TcpStream>) = (None, None);
-    let mut bad = 0u32;
     let closed = |reason: &str| Closed {
         alloc_id,
         a_to_b: 0,
@@ -219,12 +235,12 @@ async fn pair_and_splice(
             // Both ports keep accepting until the pair is complete, so a reused token gets
             // an answer rather than a connection left hanging in the backlog.
             r = la.accept() => {
-                if let Ok((s, peer)) = r {
+                if let Ok((s, peer)) = r && admit(alloc_id, peer, guard, pending.len()) {
                     pending.spawn(async move { let (s, t) = read_hello(s, hello_timeout).await; (Side::A, peer, s, t) });
                 }
             }
             r = lb.accept() => {
-                if let Ok((s, peer)) = r {
+                if let Ok((s, peer)) = r && admit(alloc_id, peer, guard, pending.len()) {
                     pending.spawn(async move { let (s, t) = read_hello(s, hello_timeout).await; (Side::B, peer, s, t) });
                 }
             }
@@ -239,14 +255,11 @@ async fn pair_and_splice(
                         *slot = Some(s);
                     }
                     _ => {
-                        bad += 1;
                         let why = if token.is_none() { "no valid hello" } else { "wrong or reused token" };
-                        tracing::warn!(alloc_id, ?side, %peer, bad, "refused a connection: {why}");
-                        let _ = s.write_all(BAD_TOKEN).await;
-                        if bad >= MAX_BAD_HELLOS {
-                            tracing::warn!(alloc_id, "too many bad hellos: closing the allocation (token guessing?)");
-                            return closed("token-guessing");
-                        }
+                        tracing::warn!(alloc_id, ?side, %peer, "refused a connection: {why}");
+                        guard.bad_hello(peer.ip());
+                        // A peer that does not read must not stall the allocation.
+                        let _ = tokio::time::timeout(Duration::from_secs(1), s.write_all(BAD_TOKEN)).await;
                     }
                 }
             }
