@@ -16,6 +16,12 @@ if ! command -v git >/dev/null; then
   fi
 fi
 
+# The partition test (tests/tests/faults.rs) drives network namespaces and nftables; as root
+# it needs them installed, and without root it skips.
+if [ "$(id -u)" = 0 ] && ! { command -v ip && command -v nft; } >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq iproute2 nftables
+fi
+
 # One debug build serves every test binary, the CLI tests and the examples check.
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked --no-fail-fast

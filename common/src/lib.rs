@@ -3,6 +3,8 @@
 //! to netportd. Wire formats and decisions are not here (they live in `netport-proto` and
 //! `netport-policy`); nor is anything one daemon alone needs.
 
+pub mod expiry;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -47,6 +49,7 @@ impl TlsToml {
         .context(
             "`tls`: the certificate, key and CA do not fit together (is `key` the key of `cert`?)",
         )?;
+        expiry::refuse_expired(&creds)?;
         if creds.identity().role != role {
             bail!(
                 "`tls.cert` is for {}, but this daemon needs a {} certificate (`netportd ca issue {} NAME`)",

@@ -79,6 +79,10 @@ impl Portal {
 
 /// Runs the portal until `shutdown` turns true.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> {
+    netport_common::expiry::watch_own_certificate(
+        &config.credentials,
+        netport_common::expiry::DEFAULT_WARN_DAYS,
+    );
     let portal = Arc::new(Portal {
         config,
         control: Mutex::new(None),

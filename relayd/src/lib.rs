@@ -23,6 +23,10 @@ pub use config::Config;
 /// Runs the relay until `shutdown` turns true.
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<()> {
     let config = Arc::new(config);
+    netport_common::expiry::watch_own_certificate(
+        &config.credentials,
+        netport_common::expiry::DEFAULT_WARN_DAYS,
+    );
     let (allocations, mut closed) = pairing::Allocations::new(config.clone());
     let mut backoff = Duration::from_millis(200);
     loop {

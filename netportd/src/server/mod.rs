@@ -287,6 +287,10 @@ pub async fn run(
     config: Config,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
+    netport_common::expiry::watch_own_certificate(
+        &config.credentials,
+        netport_common::expiry::DEFAULT_WARN_DAYS,
+    );
     let server = Arc::new(Server {
         policy: RwLock::new(Arc::new(config.policy.clone())),
         portals: Mutex::default(),
