@@ -388,3 +388,77 @@ async fn a_client_that_stops_reading_holds_bounded_memory() -> Result<()> {
     println!("{report}");
     Ok(())
 }
+
+/// A policy that gives `alice` `n` listeners starting at `base` (about 100 bytes each in a
+/// desired state), so every reload pushes her a large message.
+fn many_listeners(target: &str, base: u16, n: u16) -> String {
+    let mut p = format!(
+        "[[portal]]\nname = \"alice\"\n[[portal]]\nname = \"nas\"\n\
+         [[service]]\nname = \"echo\"\nportal = \"nas\"\ntarget = \"{target}\"\n"
+    );
+    for i in 0..n {
+        p.push_str(&format!(
+            "[[access]]\nname = \"alice-echo-{i}\"\nfrom = [\"alice\"]\nlisten = \"127.0.0.1:{}\"\nservice = \"echo\"\n",
+            base + i
+        ));
+    }
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_peer_that_stops_reading_is_cut_off() -> Result<()> {
+    let echo = echo_service().await?.to_string();
+    let pki = Pki::new()?;
+    let alice = pki.credentials(&pki.issue(Role::Portal, "alice")?)?;
+    let sys = System::start_in(
+        pki,
+        &many_listeners(&echo, 30_000, 1500),
+        &[],
+        1,
+        "127.0.0.1",
+    )?;
+    sys.wait_ready().await?;
+
+    // A portal with a tiny receive buffer that says hello and then never reads.
+    let sock = TcpSocket::new_v4()?;
+    sock.set_recv_buffer_size(4096)?;
+    let tcp = sock.connect(sys.server_addr).await?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(alice.control_client()?));
+    let name = tokio_rustls::rustls::pki_types::ServerName::from(sys.server_addr.ip());
+    let mut c = netport_e2e::Control::new(connector.connect(name, tcp).await?);
+    c.send(&Message::Hello {
+        role: netport_proto::control::PeerRole::Portal,
+        versions: vec![netport_proto::control::VERSION],
+        software: "test".into(),
+    })
+    .await?;
+    wait_log(&sys, "netportd", "portal connected portal=alice", T).await?;
+
+    // Every reload pushes alice ~150 KB more; her buffers fill, netportd's writes stall.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut round = 1u16;
+    while !sys.log("netportd").contains("the peer has not read for") {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "netportd kept a peer that does not read ({} reloads):\n{}",
+            sys.log("netportd").matches("policy reloaded").count(),
+            sys.log("netportd")
+                .lines()
+                .rev()
+                .take(4)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        sys.set_policy(&many_listeners(&echo, 30_000 + (round % 20) * 1500, 1500))?;
+        // It keeps sending heartbeats: alive, just not reading.
+        c.send(&Message::Heartbeat {
+            seq: u64::from(round),
+        })
+        .await?;
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    wait_log(&sys, "netportd", "portal disconnected portal=alice", T).await?;
+    assert!(closed(&mut c, T).await, "the connection stayed open");
+    Ok(())
+}

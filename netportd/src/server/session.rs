@@ -113,7 +113,8 @@ fn writer(
                 break;
             }
         }
-        let _ = wr.shutdown().await;
+        // Bounded too: the close_notify of a peer that does not read would never be sent.
+        let _ = tokio::time::timeout(Duration::from_secs(5), wr.shutdown()).await;
     });
     (tx, stalled)
 }
