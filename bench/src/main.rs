@@ -4,6 +4,7 @@
 //! netport-bench gen --portals 10000 --services 1000 --access 10000 --out DIR
 //! netport-bench policy [--portals N] [--services N] [--access N] [--runs N]
 //! netport-bench tunnel [--rounds N] [--peers direct,netport,ssh,stunnel,rathole]
+//! netport-bench sessions [--portals N]
 //! ```
 //!
 //! See `bench/README.md`.
@@ -19,6 +20,7 @@ use clap::{Args, Parser, Subcommand};
 mod generate;
 mod policy;
 mod rng;
+mod sessions;
 mod tunnel;
 
 #[derive(Debug, Parser)]
@@ -47,6 +49,9 @@ enum Command {
     /// Measure Netport's tunnel against direct TCP, ssh -L, a stunnel chain and rathole, on
     /// 127.0.0.1: throughput, latency, new connections per second, memory.
     Tunnel(tunnel::Args),
+    /// Connect many simulated portals to one netportd: memory per idle session, and the time
+    /// a reload that changes every portal's listeners takes to reach all of them.
+    Sessions(sessions::Args),
 }
 
 /// The size and shape of a generated policy.
@@ -136,5 +141,6 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Policy(args) => policy::run(args),
         Command::Tunnel(args) => tunnel::run(args),
+        Command::Sessions(args) => sessions::run(args),
     }
 }

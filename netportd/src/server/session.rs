@@ -178,7 +178,9 @@ pub async fn handle(
     let mut reader = Reader {
         rd,
         decoder: Decoder::new(),
-        buf: vec![0u8; 16 * 1024],
+        // What portals and relays send is small (requests, heartbeats): a small buffer keeps
+        // an idle session cheap (thousands of sessions per server).
+        buf: vec![0u8; 4 * 1024],
         stalled,
     };
     let refuse = |reason: &str, message: String| {
