@@ -147,11 +147,21 @@ pub async fn carry(portal: Arc<Portal>, spec: &ListenerSpec, mut tcp: TcpStream)
     for _ in 0..2 {
         let link = client_link(&portal, spec).await?;
         let active = Active::new(&link.active);
+        if link.active.load(Ordering::Relaxed) > mux::MAX_STREAMS {
+            drop(active);
+            let e = mux::LinkFull;
+            tracing::warn!(peer = %spec.serving_portal, service = %spec.service, "refusing a connection: {e}");
+            bail!("{e}");
+        }
         match link.opener.open().await {
             Ok(s) => {
                 stream = Some(s);
                 guard = Some(active);
                 break;
+            }
+            Err(e) if e.is::<mux::LinkFull>() => {
+                tracing::warn!(peer = %spec.serving_portal, service = %spec.service, "refusing a connection: {e}");
+                bail!("{e}");
             }
             Err(_) => {
                 // The link died under us: forget it and set up a new one.

@@ -462,3 +462,79 @@ async fn a_control_peer_that_stops_reading_is_cut_off() -> Result<()> {
     assert!(closed(&mut c, T).await, "the connection stayed open");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_link_refuses_one_more_connection_and_keeps_the_others() -> Result<()> {
+    let echo = echo_service().await?;
+    let s = setup(&echo.to_string(), true).await?;
+    wait_listening(&s.listen, T).await?;
+    // One link carries at most 1,024 streams (portal::mux); fill it with held connections.
+    let mut held = Vec::with_capacity(1024);
+    for i in 0..1024u32 {
+        let mut c = TcpStream::connect(&s.listen).await?;
+        c.write_all(&i.to_be_bytes()).await?;
+        let mut back = [0u8; 4];
+        tokio::time::timeout(T, c.read_exact(&mut back))
+            .await
+            .with_context(|| format!("connection {i} got no echo"))??;
+        held.push(c);
+    }
+    // One more: refused, with a log line, and the link is not torn down for it.
+    let mut extra = TcpStream::connect(&s.listen).await?;
+    let _ = extra.write_all(b"more").await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(T, extra.read_to_end(&mut rest))
+        .await
+        .context("the connection over the limit hangs")?;
+    assert!(
+        rest.is_empty(),
+        "a stream over the link's limit was carried"
+    );
+    wait_log(
+        &s.sys,
+        "portal-alice",
+        "refusing a connection: the link already carries 1024 streams",
+        T,
+    )
+    .await?;
+    for (i, c) in held.iter_mut().enumerate().step_by(97) {
+        c.write_all(b"ping").await?;
+        let mut back = [0u8; 4];
+        tokio::time::timeout(T, c.read_exact(&mut back))
+            .await
+            .with_context(|| format!("held connection {i} hangs"))?
+            .with_context(|| {
+                format!(
+                    "held connection {i} was closed:\n{}",
+                    s.sys
+                        .log("portal-alice")
+                        .lines()
+                        .rev()
+                        .take(5)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                )
+            })?;
+        assert_eq!(&back, b"ping");
+    }
+    // Room again once some close.
+    held.truncate(1000);
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let mut c = TcpStream::connect(&s.listen).await?;
+        c.write_all(b"pong").await?;
+        let mut back = [0u8; 4];
+        if tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut back))
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no new stream after connections closed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
