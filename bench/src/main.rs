@@ -5,6 +5,7 @@
 //! netport-bench policy [--portals N] [--services N] [--access N] [--runs N]
 //! netport-bench tunnel [--rounds N] [--peers direct,netport,ssh,stunnel,rathole]
 //! netport-bench relay-udp [--seconds N] [--sizes 64,1400] [--paths userspace,xdp]
+//! netport-bench sessions [--portals N]
 //! ```
 //!
 //! See `bench/README.md`.
@@ -22,6 +23,7 @@ mod policy;
 mod relay_udp;
 mod reload;
 mod rng;
+mod sessions;
 mod tunnel;
 
 #[derive(Debug, Parser)]
@@ -56,6 +58,9 @@ enum Command {
     /// The relay's UDP forwarding rate and CPU per packet, XDP against userspace, between
     /// two network namespaces (needs root).
     RelayUdp(relay_udp::Args),
+    /// Connect many simulated portals to one netportd: memory per idle session, and the time
+    /// a reload that changes every portal's listeners takes to reach all of them.
+    Sessions(sessions::Args),
 }
 
 /// The size and shape of a generated policy.
@@ -147,5 +152,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tunnel(args) => tunnel::run(args),
         Command::Reload(args) => reload::run(args),
         Command::RelayUdp(args) => relay_udp::run(args),
+        Command::Sessions(args) => sessions::run(args),
     }
 }

@@ -4,6 +4,7 @@
 //! `netport-policy`); nor is anything one daemon alone needs.
 
 pub mod admin;
+pub mod expiry;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -49,6 +50,7 @@ impl TlsToml {
         .context(
             "`tls`: the certificate, key and CA do not fit together (is `key` the key of `cert`?)",
         )?;
+        expiry::refuse_expired(&creds)?;
         if creds.identity().role != role {
             bail!(
                 "`tls.cert` is for {}, but this daemon needs a {} certificate (`netportd ca issue {} NAME`)",

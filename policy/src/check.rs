@@ -466,7 +466,8 @@ fn semantic(ctx: &mut Ctx, parsed: Parsed) -> Option<Policy> {
 
     // Revocations.
     let mut revoked_keys: HashMap<[u8; 32], (usize, Range<usize>)> = HashMap::new();
-    let mut revocations = Vec::new();
+    let mut revocations: Vec<Revocation> = Vec::new();
+    let mut revocation_of: HashMap<[u8; 32], usize> = HashMap::new();
     for item in &parsed.revoked {
         let Some(key) = decode_key(&item.v.spki_sha256) else {
             continue;
@@ -475,12 +476,24 @@ fn semantic(ctx: &mut Ctx, parsed: Parsed) -> Option<Policy> {
         if let Some((f, s)) = revoked_keys.get(&key) {
             ctx.push(
                 Diagnostic::new(Code::DuplicateRevocation, "this key is revoked twice")
-                    .at(item.file, span, "revoked again here")
+                    .at(item.file, span.clone(), "revoked again here")
                     .at(*f, s.clone(), "first revoked here"),
             );
+            // The reason is part of the policy hash: keep the same one whatever the file
+            // order (the smallest), so the hash does not depend on it (found by fuzzing).
+            let reason = item.v.reason.clone().unwrap_or_default();
+            if let Some(r) = revocation_of
+                .get(&key)
+                .and_then(|i| revocations.get_mut(*i))
+                && reason < r.reason
+            {
+                r.reason = reason;
+                r.origin = ctx.origin(item.file, &span);
+            }
             continue;
         }
         revoked_keys.insert(key, (item.file, span.clone()));
+        revocation_of.insert(key, revocations.len());
         revocations.push(Revocation {
             spki_sha256: item.v.spki_sha256.to_ascii_lowercase(),
             reason: item.v.reason.clone().unwrap_or_default(),

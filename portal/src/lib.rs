@@ -91,6 +91,10 @@ impl Portal {
 
 /// Runs the portal until `shutdown` turns true.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<()> {
+    netport_common::expiry::watch_own_certificate(
+        &config.credentials,
+        netport_common::expiry::DEFAULT_WARN_DAYS,
+    );
     let stats = observe::Stats::new(&config.credentials);
     let admin = match config.admin_listen {
         Some(a) => Some(netport_common::admin::bind(a).await?),

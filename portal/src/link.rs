@@ -238,6 +238,12 @@ pub(crate) async fn open_channel(portal: &Arc<Portal>, spec: &ListenerSpec) -> R
     for _ in 0..2 {
         let link = client_link(portal, spec).await?;
         let active = Active::new(&link.active);
+        if link.active.load(Ordering::Relaxed) > mux::MAX_STREAMS {
+            drop(active);
+            let e = mux::LinkFull;
+            tracing::warn!(peer = %spec.serving_portal, service = %spec.service, "refusing a connection: {e}");
+            bail!("{e}");
+        }
         let opener = match &link.opener {
             LinkOpener::Native(o) => o,
             LinkOpener::Legacy(_) => {
@@ -253,6 +259,10 @@ pub(crate) async fn open_channel(portal: &Arc<Portal>, spec: &ListenerSpec) -> R
                 guard = Some(active);
                 link_id = link.link_id;
                 break;
+            }
+            Err(e) if e.is::<mux::LinkFull>() => {
+                tracing::warn!(peer = %spec.serving_portal, service = %spec.service, "refusing a connection: {e}");
+                bail!("{e}");
             }
             Err(_) => {
                 // The link died under us: forget it and set up a new one.

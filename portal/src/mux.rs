@@ -31,13 +31,18 @@ fn config() -> yamux::Config {
     // Room for a bulk stream to keep the pipe full across the relay; yamux auto-tunes each
     // stream's window within this connection-wide budget.
     // yamux requires the budget to give every stream at least 256 KiB.
-    c.set_max_connection_receive_window(Some(MAX_STREAMS * 256 * 1024));
-    c.set_max_num_streams(MAX_STREAMS);
+    c.set_max_connection_receive_window(Some(MUX_STREAMS * 256 * 1024));
+    c.set_max_num_streams(MUX_STREAMS);
     c
 }
 
-/// Streams one link carries at once.
-const MAX_STREAMS: usize = 1024;
+/// Streams one link carries at once; the client portal refuses connections beyond it.
+pub const MAX_STREAMS: usize = 1024;
+
+/// yamux's own limit, with room for streams that are closing but not yet forgotten: yamux
+/// ends the whole connection when an open goes over its limit, so the portal's limit above
+/// must be reached first.
+const MUX_STREAMS: usize = MAX_STREAMS + MAX_STREAMS / 4;
 
 #[cfg(test)]
 mod tests {
@@ -47,6 +52,11 @@ mod tests {
         let _ = super::config();
     }
 }
+
+/// A link already carries [`MAX_STREAMS`] streams: this open fails, the link goes on.
+#[derive(Debug, thiserror::Error)]
+#[error("the link already carries {MAX_STREAMS} streams")]
+pub struct LinkFull;
 
 /// Opens streams on a client link.
 #[derive(Clone, Debug)]
@@ -103,6 +113,12 @@ where
                     Poll::Ready(Ok(s)) => {
                         if let Some(req) = queue.pop_front() {
                             let _ = req.send(Ok(s.compat()));
+                        }
+                    }
+                    // A full link refuses one more stream; the streams it carries go on.
+                    Poll::Ready(Err(yamux::ConnectionError::TooManyStreams)) => {
+                        if let Some(req) = queue.pop_front() {
+                            let _ = req.send(Err(LinkFull.into()));
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(format!("opening a stream: {e}")),

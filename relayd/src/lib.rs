@@ -10,6 +10,7 @@
 pub mod config;
 mod control;
 mod firewall;
+mod guard;
 mod observe;
 mod pairing;
 mod udp;
@@ -26,6 +27,10 @@ pub use config::Config;
 /// Runs the relay until `shutdown` turns true.
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<()> {
     let config = Arc::new(config);
+    netport_common::expiry::watch_own_certificate(
+        &config.credentials,
+        netport_common::expiry::DEFAULT_WARN_DAYS,
+    );
     let fast = load_fast_path(&config);
     let fw = start_firewall(&config);
     let stats = Arc::new(observe::Stats::new(&config.credentials));

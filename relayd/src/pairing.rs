@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::firewall::{Firewall, Opened};
+use crate::guard::{Guard, MAX_PENDING_HELLOS};
 use crate::xdp::FastPath;
 
 mod legacy;
@@ -28,10 +29,6 @@ pub struct Closed {
     pub reason: String,
 }
 
-/// Bad hellos an allocation tolerates before it is torn down: tokens are 256-bit random,
-/// so anything beyond a few mistakes is guessing.
-pub const MAX_BAD_HELLOS: u32 = 8;
-
 struct Entry {
     ports: (u16, u16),
     task: AbortHandle,
@@ -39,6 +36,11 @@ struct Entry {
     /// `legacy-userspace`.
     path: &'static str,
 }
+
+/// Bad hellos a UDP or legacy allocation tolerates before it is torn down (TCP allocations
+/// rate-limit guessing addresses instead, see `guard.rs`): tokens are random, so anything
+/// beyond a few mistakes is guessing.
+pub const MAX_BAD_HELLOS: u32 = 8;
 
 /// The live allocations.
 #[derive(Clone)]
@@ -52,6 +54,7 @@ pub struct Allocations {
     fast: Option<Arc<FastPath>>,
     /// relayd's nftables table, when in use.
     fw: Option<Arc<Firewall>>,
+    guard: Arc<Guard>,
 }
 
 impl std::fmt::Debug for Allocations {
@@ -80,6 +83,7 @@ impl Allocations {
                 stats,
                 fast,
                 fw,
+                guard: Arc::default(),
             },
             rx,
         )
@@ -123,10 +127,11 @@ impl Allocations {
                 };
                 let ports = (port(la.local_addr()), port(lb.local_addr()));
                 let opened = self.open(Transport::Tcp, ports);
+                let guard = self.guard.clone();
                 let task = tokio::spawn(async move {
                     let _opened = opened;
                     let outcome =
-                        pair_and_splice(alloc_id, la, lb, ta, tb, ttl, hello_timeout).await;
+                        pair_and_splice(alloc_id, la, lb, ta, tb, ttl, hello_timeout, &guard).await;
                     this.finish(outcome);
                 });
                 (ports, task)
@@ -320,6 +325,20 @@ enum Side {
     B,
 }
 
+/// Whether a new connection to an allocation port gets to say its hello: not from an address
+/// refused for token guessing, and not beyond [`MAX_PENDING_HELLOS`] waiting at once.
+fn admit(alloc_id: u64, peer: SocketAddr, guard: &Guard, pending: usize) -> bool {
+    if guard.blocked(peer.ip()) {
+        tracing::debug!(alloc_id, %peer, "dropped a connection from an address refused for token guessing");
+        return false;
+    }
+    if pending >= MAX_PENDING_HELLOS {
+        tracing::warn!(alloc_id, %peer, pending, "dropped a connection: too many connections waiting to say hello");
+        return false;
+    }
+    true
+}
+
 async fn read_hello(mut s: TcpStream, timeout: Duration) -> (TcpStream, Option<Token>) {
     let mut hello = [0u8; HELLO_LEN];
     let token = match tokio::time::timeout(timeout, s.read_exact(&mut hello)).await {
@@ -329,6 +348,7 @@ async fn read_hello(mut s: TcpStream, timeout: Duration) -> (TcpStream, Option<T
     (s, token)
 }
 
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 async fn pair_and_splice(
     alloc_id: u64,
     la: TcpListener,
@@ -337,11 +357,11 @@ async fn pair_and_splice(
     tb: Token,
     ttl: Duration,
     hello_timeout: Duration,
+    guard: &Guard,
 ) -> Closed {
     let deadline = Instant::now() + ttl;
     let mut pending: JoinSet<(Side, SocketAddr, TcpStream, Option<Token>)> = JoinSet::new();
     let (mut a, mut b): (Option<TcpStream>, Option<TcpStream>) = (None, None);
-    let mut bad = 0u32;
     let closed = |reason: &str| Closed {
         alloc_id,
         a_to_b: 0,
@@ -353,12 +373,12 @@ async fn pair_and_splice(
             // Both ports keep accepting until the pair is complete, so a reused token gets
             // an answer rather than a connection left hanging in the backlog.
             r = la.accept() => {
-                if let Ok((s, peer)) = r {
+                if let Ok((s, peer)) = r && admit(alloc_id, peer, guard, pending.len()) {
                     pending.spawn(async move { let (s, t) = read_hello(s, hello_timeout).await; (Side::A, peer, s, t) });
                 }
             }
             r = lb.accept() => {
-                if let Ok((s, peer)) = r {
+                if let Ok((s, peer)) = r && admit(alloc_id, peer, guard, pending.len()) {
                     pending.spawn(async move { let (s, t) = read_hello(s, hello_timeout).await; (Side::B, peer, s, t) });
                 }
             }
@@ -373,14 +393,11 @@ async fn pair_and_splice(
                         *slot = Some(s);
                     }
                     _ => {
-                        bad += 1;
                         let why = if token.is_none() { "no valid hello" } else { "wrong or reused token" };
-                        tracing::warn!(alloc_id, ?side, %peer, bad, "refused a connection: {why}");
-                        let _ = s.write_all(BAD_TOKEN).await;
-                        if bad >= MAX_BAD_HELLOS {
-                            tracing::warn!(alloc_id, "too many bad hellos: closing the allocation (token guessing?)");
-                            return closed("token-guessing");
-                        }
+                        tracing::warn!(alloc_id, ?side, %peer, "refused a connection: {why}");
+                        guard.bad_hello(peer.ip());
+                        // A peer that does not read must not stall the allocation.
+                        let _ = tokio::time::timeout(Duration::from_secs(1), s.write_all(BAD_TOKEN)).await;
                     }
                 }
             }

@@ -177,6 +177,29 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// The process's resident memory, in KiB (from /proc).
+    pub fn rss_kib(&self) -> Result<u64> {
+        proc_rss_kib(self.child.id())
+    }
+
+    /// How many file descriptors the process holds (from /proc).
+    pub fn fd_count(&self) -> Result<usize> {
+        Ok(std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))?.count())
+    }
+}
+
+/// Resident memory of process `pid`, in KiB.
+pub fn proc_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS in /proc/PID/status")
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -232,6 +255,13 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Control<S> {
 
     pub async fn send(&mut self, msg: &Message) -> Result<()> {
         self.stream.write_all(&encode_message(msg)).await?;
+        Ok(())
+    }
+
+    /// Writes raw bytes, framed or not (hostile-peer tests).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await?;
         Ok(())
     }
 

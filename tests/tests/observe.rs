@@ -161,7 +161,10 @@ async fn metrics_status_and_audit_follow_traffic_denies_and_reloads() -> Result<
     })
     .await?;
     metrics_until(&sys, "relayd", "an allocation", |m| {
-        m.get("netport_allocations_opened_total", &[("path", "tcp-userspace")]) >= 1.0
+        m.get(
+            "netport_allocations_opened_total",
+            &[("path", "tcp-userspace")],
+        ) >= 1.0
     })
     .await?;
 

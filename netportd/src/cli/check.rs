@@ -18,6 +18,14 @@ pub struct Args {
     /// Treat warnings as errors (exit 1 when there are any).
     #[arg(long)]
     pub deny_warnings: bool,
+    /// Warn about certificates (files *.crt and *.pem in the policy directory, and those of
+    /// --config) that expire within this many days; an expired one is an error.
+    #[arg(long, value_name = "DAYS", default_value_t = netport_common::expiry::DEFAULT_WARN_DAYS)]
+    pub cert_warn_days: u32,
+    /// A daemon configuration (netportd.toml, relayd.toml, portal.toml) whose [tls]
+    /// certificate and CA are checked for expiry too.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: Args, color: Color) -> u8 {
@@ -37,20 +45,52 @@ pub fn run(args: Args, color: Color) -> u8 {
             return EXIT_USAGE;
         }
     };
-    let ok = report.is_ok(args.deny_warnings);
+    let policy_ok = report.is_ok(args.deny_warnings);
+    let (certs, unreadable) =
+        super::certs::scan(&args.dir, args.config.as_deref(), args.cert_warn_days);
+    let certs_ok =
+        unreadable.is_empty() && !certs.iter().any(|c| c.is_error() || args.deny_warnings);
+    let ok = policy_ok && certs_ok;
     match args.format {
         CheckFormat::Text => {
             let mut out = std::io::stdout().lock();
             emit_text(&report, color, &mut out, false);
-            let _ = writeln!(out, "{}", summary(&report, ok, args.deny_warnings));
+            for c in &certs {
+                let level = if c.is_error() { "error" } else { "warning" };
+                let _ = writeln!(out, "{level}[certificate]: {}", c.message());
+            }
+            for e in &unreadable {
+                let _ = writeln!(out, "error[certificate]: {e}");
+            }
+            let _ = writeln!(out, "{}", summary(&report, policy_ok, args.deny_warnings));
+            if policy_ok && !certs_ok {
+                let _ = writeln!(out, "error: {}", certs_summary(&certs, &unreadable));
+            }
         }
-        CheckFormat::Json => super::print_json(&to_json(&report, ok)),
+        CheckFormat::Json => {
+            let mut doc = to_json(&report, ok);
+            doc["certificates"] = certs.iter().map(|c| c.to_json()).collect();
+            doc["certificate_errors"] = unreadable.clone().into();
+            super::print_json(&doc)
+        }
         CheckFormat::Github => {
             let mut out = std::io::stdout().lock();
             for d in &report.diagnostics {
                 let _ = writeln!(out, "{}", github_line(&report, d));
             }
-            let _ = writeln!(out, "{}", summary(&report, ok, args.deny_warnings));
+            for c in &certs {
+                let level = if c.is_error() { "error" } else { "warning" };
+                let _ = writeln!(
+                    out,
+                    "::{level} file={},title=certificate expiry::{}",
+                    escape_property(&c.file),
+                    escape_data(&c.message())
+                );
+            }
+            for e in &unreadable {
+                let _ = writeln!(out, "::error title=certificate::{}", escape_data(e));
+            }
+            let _ = writeln!(out, "{}", summary(&report, policy_ok, args.deny_warnings));
         }
     }
     // A large policy takes a while to free; the process is about to exit anyway.
@@ -76,6 +116,15 @@ pub fn emit_text(report: &Report, color: Color, fallback: &mut dyn Write, stderr
     for d in &list {
         let _ = term::emit_to_write_style(&mut lock, &config, &files, d);
     }
+}
+
+fn certs_summary(certs: &[super::certs::Finding], unreadable: &[String]) -> String {
+    let expired = certs.iter().filter(|c| c.is_error()).count();
+    format!(
+        "certificates: {expired} expired, {} expiring soon, {} unreadable",
+        certs.len() - expired,
+        unreadable.len()
+    )
 }
 
 fn summary(report: &Report, ok: bool, deny_warnings: bool) -> String {

@@ -106,10 +106,12 @@ async fn demo(args: Args) -> Result<()> {
 
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let ca = Ca::generate(1)?;
+    // Throwaway, but valid past the daemons' 30-day expiry warning, so the demo stays quiet.
+    let demo_days = 2 * netport_common::expiry::DEFAULT_WARN_DAYS;
+    let ca = Ca::generate(demo_days)?;
     std::fs::write(d.join("ca.crt"), ca.cert_pem())?;
     let issue = |role: Role, name: &str| -> Result<(PathBuf, PathBuf)> {
-        let mut req = IssueRequest::new(role, name, 1);
+        let mut req = IssueRequest::new(role, name, demo_days);
         if role == Role::Server {
             req.ips = vec![args.listen.ip()];
         }

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod ca;
 mod cache;
+mod certs;
 mod check;
 mod demo;
 mod diff;

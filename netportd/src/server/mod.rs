@@ -367,6 +367,11 @@ impl Server {
     }
 }
 
+/// Connections at once that are in their TLS handshake or have not said hello yet (each is
+/// bounded by a 10 s deadline too). Beyond this, new connections are closed at once, so a
+/// flood of stalled handshakes costs a bounded amount of memory and file descriptors.
+pub const MAX_UNAUTHENTICATED: usize = 4096;
+
 /// The sockets netportd serves on, bound before anything else happens.
 #[derive(Debug)]
 pub struct Bound {
@@ -435,6 +440,10 @@ pub async fn run(
     obs: Arc<Observe>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
+    netport_common::expiry::watch_own_certificate(
+        &config.credentials,
+        netport_common::expiry::DEFAULT_WARN_DAYS,
+    );
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(admin) = bound.admin {
         tracing::info!(admin = ?admin.local_addr().ok(), "admin endpoint: /metrics /healthz /readyz /status");
@@ -484,16 +493,24 @@ pub async fn run(
         })?;
         tasks.spawn(legacy::serve(server.clone(), l, lc));
     }
+    // Shared by every listener: connections that have not yet proved who they are.
+    let unauthenticated = Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED));
     for listener in listeners {
         let server = server.clone();
+        let unauthenticated = unauthenticated.clone();
         tasks.spawn(async move {
+            let mut refused = session::RefusalLog::default();
             loop {
                 match listener.accept().await {
                     Ok((tcp, peer)) => {
+                        let Ok(permit) = unauthenticated.clone().try_acquire_owned() else {
+                            refused.note(peer);
+                            continue;
+                        };
                         let server = server.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = session::handle(server, tcp, peer).await {
-                                tracing::info!(%peer, "control connection ended: {e:#}");
+                            if let Err(e) = session::handle(server, tcp, peer, permit).await {
+                                session::log_end(peer, &e);
                             }
                         });
                     }

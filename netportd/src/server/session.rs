@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use netport_policy::{Policy, Protocol, Request};
 use netport_proto::control::{
-    Decoder, LinkGrant, ListenerSpec, Message, PeerRole, RelayEndpoint, Transport, VERSION,
-    encode_message,
+    Decoder, LinkGrant, ListenerSpec, Message, PeerRole, RelayEndpoint, StreamError, Transport,
+    VERSION, encode_message,
 };
 use netport_proto::identity::{CertInfo, Role};
 use netport_proto::relay::token_to_hex;
@@ -28,6 +28,8 @@ struct Reader {
     rd: ReadHalf<Stream>,
     decoder: Decoder,
     buf: Vec<u8>,
+    /// Fired by the writer when the peer stopped reading.
+    stalled: CancellationToken,
 }
 
 impl Reader {
@@ -37,9 +39,12 @@ impl Reader {
             if let Some(m) = self.decoder.next_message()? {
                 return Ok(Some(m));
             }
-            let n = tokio::time::timeout(idle, self.rd.read(&mut self.buf))
-                .await
-                .map_err(|_| anyhow!("no heartbeat for {} s", idle.as_secs()))??;
+            let n = tokio::select! {
+                n = tokio::time::timeout(idle, self.rd.read(&mut self.buf)) => {
+                    n.map_err(|_| anyhow!("no heartbeat for {} s", idle.as_secs()))??
+                }
+                _ = self.stalled.cancelled() => bail!("the peer stopped reading what this server sends"),
+            };
             if n == 0 {
                 return Ok(None);
             }
@@ -76,9 +81,17 @@ fn unregister<H>(
     }
 }
 
-/// Sends queued messages and heartbeats until the queue closes or the peer goes away.
-fn writer(mut wr: WriteHalf<Stream>, heartbeat: Duration) -> mpsc::UnboundedSender<Message> {
+/// Sends queued messages and heartbeats until the queue closes or the peer goes away. A peer
+/// that stops reading (no write completes for three heartbeat intervals) is cut off, so the
+/// queue held for it stays small; the returned token fires then.
+fn writer(
+    mut wr: WriteHalf<Stream>,
+    heartbeat: Duration,
+    peer: SocketAddr,
+) -> (mpsc::UnboundedSender<Message>, CancellationToken) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+    let stalled = CancellationToken::new();
+    let fire = stalled.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         let mut seq = 0u64;
@@ -88,19 +101,69 @@ fn writer(mut wr: WriteHalf<Stream>, heartbeat: Duration) -> mpsc::UnboundedSend
                 _ = tick.tick() => { seq += 1; Message::Heartbeat { seq } }
             };
             let last = matches!(msg, Message::Refused { .. });
-            if wr.write_all(&encode_message(&msg)).await.is_err() {
-                break;
+            match tokio::time::timeout(heartbeat * 3, wr.write_all(&encode_message(&msg))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    tracing::warn!(%peer, "closing the control connection: the peer has not read for {} s (flow control)", (heartbeat * 3).as_secs());
+                    fire.cancel();
+                    return;
+                }
             }
             if last {
                 break;
             }
         }
-        let _ = wr.shutdown().await;
+        // Bounded too: the close_notify of a peer that does not read would never be sent.
+        let _ = tokio::time::timeout(Duration::from_secs(5), wr.shutdown()).await;
     });
-    tx
+    (tx, stalled)
 }
 
-pub async fn handle(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr) -> Result<()> {
+/// Logs how a control connection ended: a broken protocol (a frame over the size limit, an
+/// unknown message) is a warning that says so; anything else is routine.
+pub fn log_end(peer: SocketAddr, e: &anyhow::Error) {
+    if let Some(e) = e.downcast_ref::<StreamError>() {
+        tracing::warn!(%peer, "closing the control connection: protocol violation: {e}");
+    } else {
+        tracing::info!(%peer, "control connection ended: {e:#}");
+    }
+}
+
+/// Logs connections refused because too many are unauthenticated, at most once a second.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    since: Option<tokio::time::Instant>,
+    count: u64,
+}
+
+impl RefusalLog {
+    pub fn note(&mut self, peer: SocketAddr) {
+        self.count += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .since
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            tracing::warn!(
+                %peer,
+                refused = self.count,
+                "refusing control connections: {} are already in their TLS handshake or hello (stalled clients?)",
+                super::MAX_UNAUTHENTICATED
+            );
+            self.since = Some(now);
+            self.count = 0;
+        }
+    }
+}
+
+/// `unauthenticated` is held until the peer has completed TLS and said hello.
+pub async fn handle(
+    server: Arc<Server>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    unauthenticated: tokio::sync::OwnedSemaphorePermit,
+) -> Result<()> {
     let _ = tcp.set_nodelay(true);
     let acceptor = tokio_rustls::TlsAcceptor::from(server.tls.clone());
     // A client that never finishes its handshake must not hold a task forever.
@@ -112,12 +175,15 @@ pub async fn handle(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr) -> Re
         .context("peer certificate")?;
     let identity = info.identity()?.clone();
     let (rd, wr) = tokio::io::split(stream);
+    let (tx, stalled) = writer(wr, server.heartbeat, peer);
     let mut reader = Reader {
         rd,
         decoder: Decoder::new(),
-        buf: vec![0u8; 16 * 1024],
+        // What portals and relays send is small (requests, heartbeats): a small buffer keeps
+        // an idle session cheap (thousands of sessions per server).
+        buf: vec![0u8; 4 * 1024],
+        stalled,
     };
-    let tx = writer(wr, server.heartbeat);
     let refuse = |reason: &str, message: String| {
         tracing::warn!(%peer, %identity, reason, "refused: {message}");
         let _ = tx.send(Message::Refused {
@@ -127,6 +193,7 @@ pub async fn handle(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr) -> Re
         anyhow!("refused {identity}: {message}")
     };
     let hello = reader.next(Duration::from_secs(10)).await?;
+    drop(unauthenticated);
     let Some(Message::Hello { role, versions, .. }) = hello else {
         return Err(refuse("protocol", "the first message must be hello".into()));
     };
