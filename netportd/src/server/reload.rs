@@ -50,7 +50,7 @@ pub async fn watch(
             None
         }
     };
-    let mut watched = Vec::new();
+    let mut watched = Watched::default();
     rewatch(&mut watcher, &dir, &mut watched);
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     // A safety net for events a file system does not deliver: a cheap content check.
@@ -81,34 +81,56 @@ pub async fn watch(
         let s = server.clone();
         let d = dir.clone();
         let _ = tokio::task::spawn_blocking(move || s.reload(&d)).await;
-        rewatch(&mut watcher, &dir, &mut watched);
+        if rewatch(&mut watcher, &dir, &mut watched) {
+            let _ = tx.send(());
+        }
     }
 }
 
-/// (Re)establishes the watches on `dir`'s parent and on `dir`'s current target.
+/// What is being watched: the parent (once, for good) and the target with its inode.
+#[derive(Default)]
+struct Watched {
+    parent: Option<PathBuf>,
+    target: Option<(PathBuf, u64)>,
+}
+
+/// (Re)establishes the watches: the directory's parent (kept for good once it is watched: a
+/// symlink flip happens there, and unwatching it even briefly could miss one) and the
+/// directory's current target, recursively. Returns true when the target watch moved (a
+/// flip, or a directory deleted and recreated): changes made while it moved may have gone
+/// unseen, so the caller checks the files once more.
 fn rewatch(
     watcher: &mut Option<notify::RecommendedWatcher>,
     dir: &Path,
-    watched: &mut Vec<PathBuf>,
-) {
-    let Some(w) = watcher.as_mut() else { return };
-    let mut want = vec![(parent_of(dir), RecursiveMode::NonRecursive)];
-    if let Ok(target) = std::fs::canonicalize(dir) {
-        want.push((target, RecursiveMode::Recursive));
-    }
-    let same = watched.len() == want.len() && want.iter().all(|(p, _)| watched.contains(p));
-    if same {
-        return;
-    }
-    for p in watched.drain(..) {
-        let _ = w.unwatch(&p);
-    }
-    for (p, mode) in want {
-        match w.watch(&p, mode) {
-            Ok(()) => watched.push(p),
-            Err(e) => tracing::warn!(path = %p.display(), "cannot watch: {e}"),
+    watched: &mut Watched,
+) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(w) = watcher.as_mut() else {
+        return false;
+    };
+    if watched.parent.is_none() {
+        let parent = parent_of(dir);
+        match w.watch(&parent, RecursiveMode::NonRecursive) {
+            Ok(()) => watched.parent = Some(parent),
+            Err(e) => tracing::warn!(path = %parent.display(), "cannot watch: {e}"),
         }
     }
+    let target = std::fs::canonicalize(dir)
+        .ok()
+        .and_then(|t| std::fs::metadata(&t).ok().map(|m| (t, m.ino())));
+    if target == watched.target {
+        return false;
+    }
+    if let Some((old, _)) = watched.target.take() {
+        let _ = w.unwatch(&old);
+    }
+    if let Some((t, ino)) = target {
+        match w.watch(&t, RecursiveMode::Recursive) {
+            Ok(()) => watched.target = Some((t, ino)),
+            Err(e) => tracing::warn!(path = %t.display(), "cannot watch: {e}"),
+        }
+    }
+    true
 }
 
 /// The directory holding `dir` (`.` for a bare relative name).
