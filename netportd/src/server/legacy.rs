@@ -475,19 +475,10 @@ async fn request_link(server: &Server, client: &str, key: &[u8; 32], other_id: I
         Err(r) => {
             let (reason, message) = r.reason();
             tracing::info!(portal = %client, peer_id = %other, %reason, "legacy link denied: {message}");
-            server
-                .obs
-                .denies
-                .get_or_create(&super::observe::ReasonLabel {
-                    reason: reason.to_string(),
-                })
-                .inc();
-            server.obs.audit(
-                "decision",
+            server.obs.denied(
+                reason,
                 serde_json::json!({
-                    "verdict": "deny",
                     "protocol": "legacy",
-                    "reason": reason,
                     "message": message,
                     "portal": client,
                     "spki_sha256": hex::encode(key),

@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 use super::{Server, lock};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(super) struct ReasonLabel {
-    pub reason: String,
+struct ReasonLabel {
+    reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -60,7 +60,7 @@ pub struct Observe {
     relays: Gauge,
     links: Gauge,
     pub(super) links_opened: Counter,
-    pub(super) denies: Family<ReasonLabel, Counter>,
+    denies: Family<ReasonLabel, Counter>,
     pub(super) reloads: Family<ResultLabel, Counter>,
     pub(super) reload_failures: Counter,
     pub(super) streams_closed: Counter,
@@ -241,6 +241,21 @@ impl Observe {
                 r.last_error_at = None;
             }
         }
+    }
+
+    /// A refused link request: counted by reason and written as a `decision` audit event
+    /// (`fields` adds what the caller knows: portal, key, rule, ...).
+    pub(super) fn denied(&self, reason: &str, mut fields: Value) {
+        self.denies
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+        if let Value::Object(map) = &mut fields {
+            map.insert("verdict".into(), Value::String("deny".into()));
+            map.insert("reason".into(), Value::String(reason.into()));
+        }
+        self.audit("decision", fields);
     }
 
     /// Writes one audit event: `event` names it, `ts` is added.

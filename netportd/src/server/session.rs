@@ -352,18 +352,9 @@ async fn portal_session(
                                 rule = rule.as_deref().unwrap_or("-"),
                                 "link denied: {message}"
                             );
-                            server
-                                .obs
-                                .denies
-                                .get_or_create(&super::observe::ReasonLabel {
-                                    reason: reason.clone(),
-                                })
-                                .inc();
-                            server.obs.audit(
-                                "decision",
+                            server.obs.denied(
+                                reason,
                                 json!({
-                                    "verdict": "deny",
-                                    "reason": reason,
                                     "rule": rule,
                                     "message": message,
                                     "portal": name,
