@@ -163,6 +163,99 @@ async fn a_killed_portal_frees_its_allocation_and_its_session() -> Result<()> {
     Ok(())
 }
 
+/// The `link_id` of every "link allocated" line in a netportd log.
+fn link_ids(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("link allocated"))
+        .filter_map(|l| {
+            let at = l.find(" link_id=")? + " link_id=".len();
+            l[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Links outlive netportd, so a restarted netportd must not hand a new link the id of one
+/// still running: the relay would refuse the allocation as in use, and a portal would mix
+/// up its served links.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_set_up_after_a_netportd_restart_get_ids_unlike_the_running_ones() -> Result<()> {
+    let echo = echo_service().await?;
+    let (port, _) = netport_e2e::free_port_range(2)?;
+    let policy = format!(
+        r#"
+[[portal]]
+name = "alice"
+[[portal]]
+name = "nas"
+[[portal]]
+name = "cam"
+[[service]]
+name = "echo"
+portal = "nas"
+target = "{echo}"
+[[service]]
+name = "cam-echo"
+portal = "cam"
+target = "{echo}"
+[[access]]
+name = "alice-echo"
+from = ["alice"]
+listen = "127.0.0.1:{port}"
+service = "echo"
+[[access]]
+name = "alice-cam"
+from = ["alice"]
+listen = "127.0.0.1:{}"
+service = "cam-echo"
+"#,
+        port + 1
+    );
+    let mut sys = System::start(&policy, &["alice", "nas", "cam"])?;
+    let (to_nas, to_cam) = (
+        format!("127.0.0.1:{port}"),
+        format!("127.0.0.1:{}", port + 1),
+    );
+    wait_listening(&to_nas, T).await?;
+    // Only the log: a probe connection would set the second link up before the restart.
+    wait_log(&sys, "portal-alice", "listening access=alice-cam", T).await?;
+    sys.wait_ready().await?;
+    let mut held = TcpStream::connect(&to_nas).await?;
+    round(&mut held, 1, 64 << 10)
+        .await
+        .with_context(|| sys.logs())?;
+    let before = link_ids(&sys.log("netportd"));
+    anyhow::ensure!(
+        before.len() == 1,
+        "one link expected before the restart: {before:?}"
+    );
+
+    sys.daemon("netportd")?.restart()?;
+    wait_count(&sys, "netportd", "portal connected portal=alice ", 2).await?;
+    wait_count(&sys, "netportd", "portal connected portal=cam ", 2).await?;
+    wait_count(&sys, "netportd", "relay connected", 2).await?;
+    // A new link (to another portal) while the first one still carries.
+    let mut fresh = TcpStream::connect(&to_cam).await?;
+    round(&mut fresh, 2, 64 << 10)
+        .await
+        .with_context(|| sys.logs())?;
+    round(&mut held, 3, 64 << 10)
+        .await
+        .with_context(|| sys.logs())?;
+    let all = link_ids(&sys.log("netportd"));
+    anyhow::ensure!(all.len() == 2, "two links expected in all: {all:?}");
+    anyhow::ensure!(
+        all[1] != all[0],
+        "the link set up after the restart reused id {}:\n{}",
+        all[0],
+        sys.logs()
+    );
+    Ok(())
+}
+
 /// A network namespace of the test's own, removed on drop.
 struct Netns(String);
 

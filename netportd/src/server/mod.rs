@@ -109,6 +109,19 @@ impl Server {
     }
 }
 
+/// The first id this run hands out (sessions, links, allocations share one sequence).
+///
+/// Links and allocations outlive netportd: relays and portals keep carrying them across a
+/// restart, keyed by the id they were given. Counting from 1 again would give a new link the
+/// id of one still running (the relay refuses the allocation as "in use", a portal mixes up
+/// its served links). So each run starts at its start time in seconds times 2^20: a run would
+/// have to hand out over a million ids per second of its life to reach the next run's range,
+/// and ids stay below 2^53, exact in any JSON reader.
+fn first_id() -> u64 {
+    let secs = u64::try_from(netport_common::admin::unix_now()).unwrap_or(0);
+    (secs.min((1 << 32) - 1) << 20) + 1
+}
+
 impl Server {
     /// Loads the policy directory with the same loader as `netportd check`; swaps it in only
     /// when everything passes, then reconciles sessions and links to it. A failure keeps
@@ -467,7 +480,7 @@ pub async fn run(
         relays: Mutex::default(),
         links: Mutex::default(),
         obs: obs.clone(),
-        next_id: AtomicU64::new(1),
+        next_id: AtomicU64::new(first_id()),
         heartbeat: config.heartbeat,
         token_ttl: config.token_ttl,
         tls: Arc::new(config.credentials.control_server()?),
