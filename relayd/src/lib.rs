@@ -10,7 +10,7 @@
 pub mod config;
 mod control;
 mod firewall;
-mod guard;
+pub mod guard;
 mod observe;
 mod pairing;
 mod udp;

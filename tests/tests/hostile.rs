@@ -538,3 +538,93 @@ async fn a_full_link_refuses_one_more_connection_and_keeps_the_others() -> Resul
     }
     Ok(())
 }
+
+/// The soft limit on open files of this process (the daemons it starts inherit it).
+fn open_file_limit() -> Result<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits")?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("no open files line in /proc/self/limits")?;
+    let soft = line.split_whitespace().nth(3).context("no soft limit")?;
+    Ok(soft.parse().unwrap_or(u64::MAX))
+}
+
+/// netportd holds at most 4,096 connections that have not proved who they are: beyond that,
+/// new connections are closed at once (with a log line) instead of holding memory and
+/// descriptors, and once the held ones reach their deadline a real portal gets in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_unauthenticated_limit_are_closed_at_once() -> Result<()> {
+    const LIMIT: usize = netportd::server::MAX_UNAUTHENTICATED;
+    const EXTRA: usize = 50;
+    let need = (LIMIT + EXTRA) as u64 * 2 + 256;
+    if open_file_limit()? < need {
+        println!("SKIPPED: the open files limit is below {need} (ulimit -n)");
+        return Ok(());
+    }
+    let echo = echo_service().await?;
+    let mut s = setup(&echo.to_string(), false).await?;
+    let server = s.sys.server_addr;
+    let connect = || async move {
+        tokio::time::timeout(T, TcpStream::connect(server))
+            .await
+            .context("connecting to netportd timed out (its accept queue is full?)")?
+            .context("connecting to netportd")
+    };
+    let mut held = Vec::with_capacity(LIMIT);
+    for _ in 0..LIMIT {
+        held.push(connect().await?);
+    }
+    // Beyond the limit: accepted by the kernel, then closed by netportd without a byte.
+    for _ in 0..EXTRA {
+        let mut t = connect().await?;
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(T, t.read_to_end(&mut got))
+            .await
+            .context("a connection beyond the limit was kept open")?;
+        assert!(
+            got.is_empty(),
+            "a refused connection got {} bytes",
+            got.len()
+        );
+    }
+    wait_log(&s.sys, "netportd", "refusing control connections", T).await?;
+    let mut probe = [0u8; 1];
+    let still_held = held
+        .iter()
+        .filter(|t| matches!(t.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock))
+        .count();
+    assert!(
+        still_held > LIMIT / 2,
+        "the refusals came only after the held connections were dropped ({still_held} still held)"
+    );
+
+    // Each held one is closed at its handshake deadline, then a real portal gets in.
+    let deadline = tokio::time::Instant::now() + T;
+    for t in &mut held {
+        let mut rest = Vec::new();
+        tokio::time::timeout_at(deadline, t.read_to_end(&mut rest))
+            .await
+            .context("a held connection was not closed at its deadline")?
+            .ok();
+    }
+    drop(held);
+    s.sys.daemon("portal-nas")?.restart()?;
+    let deadline = tokio::time::Instant::now() + T;
+    while s
+        .sys
+        .log("netportd")
+        .matches("portal connected portal=nas ")
+        .count()
+        < 2
+    {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the real portal did not get in after the flood:\n{}",
+            s.sys.log("portal-nas")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!s.sys.log("netportd").contains("panicked"));
+    Ok(())
+}

@@ -15,7 +15,7 @@ const T: Duration = Duration::from_secs(10);
 
 struct Setup {
     _pki: Pki,
-    _relay: Daemon,
+    relay: Daemon,
     conn: ControlConn,
 }
 
@@ -73,7 +73,7 @@ async fn start_relay(hello_timeout: u64) -> Result<Setup> {
     .await?;
     Ok(Setup {
         _pki: pki,
-        _relay: daemon,
+        relay: daemon,
         conn,
     })
 }
@@ -307,5 +307,70 @@ async fn legacy_pair_echoes_hellos_then_readies_refuses_spent_tokens_and_closes_
         } => {}
         other => bail!("expected allocation_closed, got {other:?}"),
     }
+    Ok(())
+}
+
+/// A connection to an allocation port from `source` (a loopback address of the test's
+/// choosing, so the relay's per-address accounting can tell hostile peers from real ones).
+async fn connect_from(source: &str, port: u16) -> Result<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(format!("{source}:0").parse()?)?;
+    Ok(sock.connect(([127, 0, 0, 1], port).into()).await?)
+}
+
+/// One allocation holds at most 16 connections waiting to say hello: a 17th and beyond are
+/// closed at once, without an answer, and logged; the 16 get BAD_TOKEN at the hello timeout;
+/// and the real sides, from another address, still pair and forward.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_sixteen_waiting_for_a_hello_are_closed_and_the_pair_still_forms()
+-> Result<()> {
+    let mut s = start_relay(2).await?;
+    let (ta, tb) = ([9u8; 32], [10u8; 32]);
+    let (pa, pb) = allocate(&mut s.conn, 6, &ta, &tb, 30_000).await?;
+    let max = relayd::guard::MAX_PENDING_HELLOS;
+    let mut silent = Vec::new();
+    for _ in 0..max {
+        silent.push(connect_from("127.0.0.2", pa).await?);
+    }
+    let mut extra = Vec::new();
+    for _ in 0..4 {
+        extra.push(connect_from("127.0.0.2", pa).await?);
+    }
+    // The extra ones end without a byte: no BAD_TOKEN, the relay never read them.
+    for c in &mut extra {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(T, c.read_to_end(&mut got))
+            .await
+            .context("a connection beyond the limit was kept open")?;
+        assert!(got.is_empty(), "a dropped connection got {got:?}");
+    }
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let log = s.relay.log_text();
+        let n = log
+            .matches("too many connections waiting to say hello")
+            .count();
+        if n == 4 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} drops logged, 4 expected:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The waiting ones get their answer at the hello timeout.
+    for c in &mut silent {
+        assert_eq!(&answer(c).await?, BAD_TOKEN);
+    }
+    // The real sides join from 127.0.0.1 and the pair forwards.
+    let mut a = join(pa, &ta).await?;
+    let mut b = join(pb, &tb).await?;
+    assert_eq!(&answer(&mut a).await?, READY);
+    assert_eq!(&answer(&mut b).await?, READY);
+    a.write_all(b"through").await?;
+    let mut got = [0u8; 7];
+    tokio::time::timeout(T, b.read_exact(&mut got)).await??;
+    assert_eq!(&got, b"through");
     Ok(())
 }
