@@ -33,6 +33,10 @@ pub struct PortalToml {
     /// a log line (default and maximum 65507, the largest IPv4 UDP payload).
     #[serde(default = "default_udp_max")]
     pub udp_max_datagram: usize,
+    /// Streams (client connections) one link carries at once; this portal refuses a
+    /// connection beyond it, and the link goes on (default 1024, at most 16384).
+    #[serde(default = "default_max_streams")]
+    pub max_streams_per_link: usize,
     /// Certificates.
     pub tls: netport_common::TlsToml,
 }
@@ -48,6 +52,14 @@ fn default_grace() -> u64 {
 fn default_udp_idle() -> u64 {
     60
 }
+
+fn default_max_streams() -> usize {
+    1024
+}
+
+/// The most `max_streams_per_link` may be; a serving portal accepts this many (plus room for
+/// streams still closing) from any client portal, whatever the client's own setting.
+pub const MAX_STREAMS_PER_LINK: usize = 16_384;
 
 fn default_udp_max() -> usize {
     MAX_UDP_PAYLOAD
@@ -72,6 +84,8 @@ pub struct Config {
     pub servers: Vec<(String, String)>,
     /// Idle link timeout.
     pub link_idle: std::time::Duration,
+    /// Streams one link carries at once (`max_streams_per_link`).
+    pub max_streams_per_link: usize,
     /// UDP flows.
     pub udp: UdpConfig,
     /// TLS credentials.
@@ -108,8 +122,15 @@ impl Config {
                 raw.udp_max_datagram
             );
         }
+        if raw.max_streams_per_link == 0 || raw.max_streams_per_link > MAX_STREAMS_PER_LINK {
+            bail!(
+                "`max_streams_per_link` = {} must be between 1 and {MAX_STREAMS_PER_LINK}",
+                raw.max_streams_per_link
+            );
+        }
         Ok(Config {
             servers,
+            max_streams_per_link: raw.max_streams_per_link,
             link_idle: std::time::Duration::from_secs(raw.link_idle_secs),
             udp: UdpConfig {
                 idle: std::time::Duration::from_secs(raw.udp_idle_secs),

@@ -22,10 +22,6 @@ use crate::observe::Side;
 use crate::{Portal, lock};
 use tokio_util::sync::CancellationToken;
 
-/// Copy buffer per direction of each connection. Every open connection holds two on each
-/// portal, so this sets the memory an idle connection costs; 16 KiB matches a TLS record.
-const COPY_BUF: usize = 16 * 1024;
-
 pub(crate) const OPEN_OK: u8 = 0;
 const OPEN_NOT_GRANTED: u8 = 1;
 pub(crate) const OPEN_DIAL_FAILED: u8 = 2;
@@ -194,10 +190,9 @@ pub async fn carry(
         }
     };
     let counted = portal.stats.stream(Side::Client);
-    let (up, down) =
-        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, COPY_BUF, COPY_BUF)
-            .await
-            .unwrap_or((0, 0));
+    let (up, down) = crate::copy::bidirectional(&mut tcp, &mut stream)
+        .await
+        .unwrap_or((0, 0));
     // The stream counted as active until here.
     drop(guard);
     drop(counted);
@@ -238,9 +233,10 @@ pub(crate) async fn open_channel(portal: &Arc<Portal>, spec: &ListenerSpec) -> R
     for _ in 0..2 {
         let link = client_link(portal, spec).await?;
         let active = Active::new(&link.active);
-        if link.active.load(Ordering::Relaxed) > mux::MAX_STREAMS {
+        let max = portal.config.max_streams_per_link;
+        if link.active.load(Ordering::Relaxed) > max {
             drop(active);
-            let e = mux::LinkFull;
+            let e = mux::LinkFull(max);
             tracing::warn!(peer = %spec.serving_portal, service = %spec.service, "refusing a connection: {e}");
             bail!("{e}");
         }
@@ -402,7 +398,7 @@ async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Client
     let dead = Arc::new(AtomicBool::new(false));
     let flag = dead.clone();
     let up = portal.stats.link(Side::Client);
-    let opener = mux::client(tls, move |why| {
+    let opener = mux::client(tls, portal.config.max_streams_per_link, move |why| {
         drop(up);
         flag.store(true, Ordering::Relaxed);
         tracing::info!(link_id, %peer, "link ended: {why}");
@@ -570,7 +566,7 @@ async fn serve_stream(
     lock(&streams).push((service, cancel.clone()));
     let counted = portal.stats.stream(Side::Serving);
     tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, COPY_BUF, COPY_BUF) => {
+        r = crate::copy::bidirectional(&mut stream, &mut tcp) => {
             if let Ok((to, from)) = r {
                 portal.stats.stream_bytes(Side::Serving, to, from);
             }

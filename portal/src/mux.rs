@@ -15,6 +15,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
+use crate::config::MAX_STREAMS_PER_LINK;
+
 /// One multiplexed stream.
 pub type MuxStream = Compat<yamux::Stream>;
 
@@ -26,37 +28,44 @@ enum Command {
     Close,
 }
 
-fn config() -> yamux::Config {
+/// yamux's settings for a link that carries at most `streams` streams at once.
+fn config(streams: usize) -> yamux::Config {
     let mut c = yamux::Config::default();
     // Room for a bulk stream to keep the pipe full across the relay; yamux auto-tunes each
     // stream's window within this connection-wide budget.
     // yamux requires the budget to give every stream at least 256 KiB.
-    c.set_max_connection_receive_window(Some(MUX_STREAMS * 256 * 1024));
-    c.set_max_num_streams(MUX_STREAMS);
+    c.set_max_connection_receive_window(Some(streams * 256 * 1024));
+    c.set_max_num_streams(streams);
     c
 }
 
-/// Streams one link carries at once; the client portal refuses connections beyond it.
-pub const MAX_STREAMS: usize = 1024;
+/// yamux's own limit for a client link whose portal carries `max` streams: room for streams
+/// that are closing but not yet forgotten, since yamux ends the whole connection when an
+/// open goes over its limit, so the portal's limit must be reached first.
+fn client_limit(max: usize) -> usize {
+    max + max / 4
+}
 
-/// yamux's own limit, with room for streams that are closing but not yet forgotten: yamux
-/// ends the whole connection when an open goes over its limit, so the portal's limit above
-/// must be reached first.
-const MUX_STREAMS: usize = MAX_STREAMS + MAX_STREAMS / 4;
+/// The serving side's yamux limit: the largest client limit any client portal may use, so a
+/// client with a higher `max_streams_per_link` than this portal's never cuts the link.
+const SERVER_LIMIT: usize = MAX_STREAMS_PER_LINK + MAX_STREAMS_PER_LINK / 4;
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn config_is_accepted_by_yamux() {
         // yamux asserts on inconsistent limits; this must never panic at run time.
-        let _ = super::config();
+        for max in [1, 1024, super::MAX_STREAMS_PER_LINK] {
+            let _ = super::config(super::client_limit(max));
+        }
+        let _ = super::config(super::SERVER_LIMIT);
     }
 }
 
-/// A link already carries [`MAX_STREAMS`] streams: this open fails, the link goes on.
+/// A link already carries as many streams as it may: this open fails, the link goes on.
 #[derive(Debug, thiserror::Error)]
-#[error("the link already carries {MAX_STREAMS} streams")]
-pub struct LinkFull;
+#[error("the link already carries {0} streams (`max_streams_per_link`)")]
+pub struct LinkFull(pub usize);
 
 /// Opens streams on a client link.
 #[derive(Clone, Debug)]
@@ -86,12 +95,13 @@ impl Opener {
 }
 
 /// Starts the client side of a link over `io`; `on_end` runs when the link ends.
-pub fn client<T>(io: T, on_end: impl FnOnce(String) + Send + 'static) -> Opener
+pub fn client<T>(io: T, max: usize, on_end: impl FnOnce(String) + Send + 'static) -> Opener
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, mut rx) = mpsc::unbounded_channel::<Command>();
-    let mut conn = yamux::Connection::new(io.compat(), config(), yamux::Mode::Client);
+    let mut conn =
+        yamux::Connection::new(io.compat(), config(client_limit(max)), yamux::Mode::Client);
     tokio::spawn(async move {
         let mut queue: VecDeque<OpenReply> = VecDeque::new();
         let mut closing = false;
@@ -118,7 +128,7 @@ where
                     // A full link refuses one more stream; the streams it carries go on.
                     Poll::Ready(Err(yamux::ConnectionError::TooManyStreams)) => {
                         if let Some(req) = queue.pop_front() {
-                            let _ = req.send(Err(LinkFull.into()));
+                            let _ = req.send(Err(LinkFull(max).into()));
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(format!("opening a stream: {e}")),
@@ -152,7 +162,7 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: FnMut(MuxStream),
 {
-    let mut conn = yamux::Connection::new(io.compat(), config(), yamux::Mode::Server);
+    let mut conn = yamux::Connection::new(io.compat(), config(SERVER_LIMIT), yamux::Mode::Server);
     poll_fn(|cx| {
         loop {
             match conn.poll_next_inbound(cx) {

@@ -169,7 +169,7 @@ async fn the_serving_portal_refuses_a_target_not_granted_to_the_link() -> Result
     ));
     let name = tokio_rustls::rustls::pki_types::ServerName::try_from("link.netport.invalid")?;
     let tls = link.connect(name, tcp).await?;
-    let opener = portal::mux::client(tls, |_| {});
+    let opener = portal::mux::client(tls, 1024, |_| {});
 
     // Granted: opens.
     let mut ok = opener.open().await?;
