@@ -8,6 +8,7 @@
 
 pub mod config;
 mod control;
+mod copy;
 mod legacy;
 pub mod legacy_tls;
 mod link;
