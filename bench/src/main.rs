@@ -24,6 +24,7 @@ mod relay_udp;
 mod reload;
 mod rng;
 mod sessions;
+mod streams;
 mod tunnel;
 
 #[derive(Debug, Parser)]
@@ -61,6 +62,15 @@ enum Command {
     /// Connect many simulated portals to one netportd: memory per idle session, and the time
     /// a reload that changes every portal's listeners takes to reach all of them.
     Sessions(sessions::Args),
+    /// Hold many concurrent streams through one relay and one pair of portals: memory per
+    /// stream.
+    Streams(streams::Args),
+    /// The echo service of `streams`, run as its own process (internal).
+    #[command(hide = true)]
+    EchoService {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
 }
 
 /// The size and shape of a generated policy.
@@ -153,5 +163,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Reload(args) => reload::run(args),
         Command::RelayUdp(args) => relay_udp::run(args),
         Command::Sessions(args) => sessions::run(args),
+        Command::Streams(args) => streams::run(args),
+        Command::EchoService { listen } => streams::echo_service(listen),
     }
 }

@@ -342,7 +342,7 @@ pub(crate) async fn start_service() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-async fn serve(mut s: TcpStream) -> std::io::Result<()> {
+pub(crate) async fn serve(mut s: TcpStream) -> std::io::Result<()> {
     let _ = s.set_nodelay(true);
     let mut mode = [0u8; 1];
     if s.read(&mut mode).await? == 0 {
@@ -439,10 +439,10 @@ async fn wait_listening(addr: SocketAddr, within: Duration, proc: &mut Proc) -> 
 // Paths
 
 /// A path under test: where the client connects, and the processes in between.
-struct Peer {
+pub(crate) struct Peer {
     name: &'static str,
-    entry: SocketAddr,
-    procs: Vec<Proc>,
+    pub(crate) entry: SocketAddr,
+    pub(crate) procs: Vec<Proc>,
     /// What the memory figure covers.
     mem_note: String,
 }
@@ -460,7 +460,7 @@ impl Peer {
             .collect()
     }
 
-    fn rss(&self) -> (u64, Vec<(String, u64)>) {
+    pub(crate) fn rss(&self) -> (u64, Vec<(String, u64)>) {
         let per: Vec<(String, u64)> = self
             .pids()
             .into_iter()
@@ -527,7 +527,12 @@ pub(crate) fn path_str(p: &Path) -> Result<&str> {
 }
 
 /// netportd + relayd + two portals, as in `System::start` of the end-to-end tests.
-async fn start_netport(root: &Path, bins: &Path, service: SocketAddr) -> Result<Peer> {
+pub(crate) async fn start_netport(
+    root: &Path,
+    bins: &Path,
+    service: SocketAddr,
+    portal_extra: &str,
+) -> Result<Peer> {
     let dir = root.join("netport");
     let certs = Certs::new(&dir)?;
     let relay_first = free_ports(40)?;
@@ -612,7 +617,7 @@ service = "bench"
             // A link idle timeout longer than the run: the benchmark measures streams on a
             // link, the way a busy portal sees them.
             format!(
-                "servers = [\"{control}\"]\nlink_idle_secs = 3600\n{}",
+                "servers = [\"{control}\"]\nlink_idle_secs = 3600\n{portal_extra}\n{}",
                 tls(Role::Portal, name)?
             ),
         )?;
@@ -1087,7 +1092,7 @@ async fn bench(args: &Args, bins: &Path) -> Result<()> {
         }));
     }
     if want(PeerKind::Netport) {
-        let peer = start_netport(&root, bins, service)
+        let peer = start_netport(&root, bins, service, "")
             .await
             .context("starting Netport (netportd, relayd, 2 portals)")?;
         println!(
