@@ -104,10 +104,10 @@ async fn session(
                                 }
                             });
                         }
-                        Message::LinkIncoming { link_id, peer, relay, token, grants, .. } => {
+                        Message::LinkIncoming { link_id, peer, relay, token, grants, quic, .. } => {
                             let portal = portal.clone();
                             tokio::spawn(async move {
-                                if let Err(e) = crate::link::serve_incoming(portal, link_id, peer.clone(), relay, token, grants).await {
+                                if let Err(e) = crate::link::serve_incoming(portal, link_id, peer.clone(), relay, token, grants, quic).await {
                                     tracing::warn!(link_id, %peer, "incoming link failed: {e:#}");
                                 }
                             });

@@ -18,6 +18,14 @@ use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompat
 /// One multiplexed stream.
 pub type MuxStream = Compat<yamux::Stream>;
 
+/// What a link stream is, over either transport: bytes both ways.
+pub trait LinkIo: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> LinkIo for T {}
+
+/// One stream of a link: a yamux stream on a TCP link, a QUIC stream on a QUIC link.
+pub type LinkStream = Box<dyn LinkIo>;
+
 type OpenReply = oneshot::Sender<Result<MuxStream>>;
 
 /// What the rest of the portal asks of a client link's driver.

@@ -20,6 +20,13 @@ struct SideLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabel {
+    side: String,
+    /// `quic` or `tcp`: what the link runs over.
+    transport: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BytesLabel {
     side: String,
     /// `to_service` or `from_service`.
@@ -36,6 +43,7 @@ struct ReasonLabel {
 pub struct Stats {
     metrics: Metrics,
     links: Family<SideLabel, Gauge>,
+    link_transports: Family<TransportLabel, Gauge>,
     streams: Family<SideLabel, Gauge>,
     streams_opened: Family<SideLabel, Counter>,
     bytes: Family<BytesLabel, Counter>,
@@ -84,6 +92,12 @@ impl Stats {
         let r = &mut metrics.registry;
         let links = Family::<SideLabel, Gauge>::default();
         r.register("links", "Links up, by side", links.clone());
+        let link_transports = Family::<TransportLabel, Gauge>::default();
+        r.register(
+            "link_transports",
+            "Links up, by side and transport (quic or tcp)",
+            link_transports.clone(),
+        );
         let streams = Family::<SideLabel, Gauge>::default();
         r.register(
             "streams",
@@ -117,6 +131,7 @@ impl Stats {
         Self {
             metrics,
             links,
+            link_transports,
             streams,
             streams_opened,
             bytes,
@@ -145,11 +160,24 @@ impl Stats {
         }
     }
 
-    /// Counts a link up until the guard drops.
-    pub(crate) fn link(&self, side: Side) -> StreamGuard {
+    /// Counts a link up, by side and by transport (`quic` or `tcp`), until the guards drop.
+    pub(crate) fn link(&self, side: Side, transport: &str) -> [StreamGuard; 2] {
         let gauge = self.links.get_or_create(&side.label()).clone();
         gauge.inc();
-        StreamGuard { gauge }
+        let by_transport = self
+            .link_transports
+            .get_or_create(&TransportLabel {
+                side: side.label().side,
+                transport: transport.into(),
+            })
+            .clone();
+        by_transport.inc();
+        [
+            StreamGuard { gauge },
+            StreamGuard {
+                gauge: by_transport,
+            },
+        ]
     }
 
     pub(crate) fn denied(&self, reason: &str) {

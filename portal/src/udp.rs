@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::UdpConfig;
 use crate::link::{OPEN_DIAL_FAILED, OPEN_OK, OpenStreams, refuse};
-use crate::mux::MuxStream;
+use crate::mux::LinkStream;
 use crate::{Portal, lock};
 
 /// Receive buffer: one more byte than any UDP payload, so no datagram is ever cut.
@@ -278,7 +278,7 @@ async fn client_flow(
 /// The serving side of a UDP flow: a socket connected to `target`, datagrams both ways,
 /// until the stream ends, the flow is idle, or the grant is withdrawn.
 pub async fn serve(
-    mut stream: MuxStream,
+    mut stream: LinkStream,
     streams: OpenStreams,
     service: String,
     target: &str,

@@ -94,6 +94,19 @@ pub struct RelayEndpoint {
     pub port: u16,
 }
 
+/// A relay UDP port where a link may run over QUIC instead of the TCP pair: the relay's
+/// address is the [`RelayEndpoint`]'s, the hello is the same (`NPR1` + token) sent as a
+/// datagram. The client portal decides: it tries QUIC first and falls back to the TCP port;
+/// the serving portal waits on both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuicPath {
+    /// The UDP port to send the hello to.
+    pub port: u16,
+    /// Single-use token of the UDP allocation, hex.
+    pub token: String,
+}
+
 /// Every control message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -157,6 +170,10 @@ pub enum Message {
         /// Set when the peer is a legacy portal (absent on native links).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         legacy: Option<LegacyLink>,
+        /// A UDP port of the same relay for a link over QUIC (absent when the relay gave
+        /// none: the TCP port is the only way).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quic: Option<QuicPath>,
     },
     /// To the serving portal: a client portal will meet it at the relay.
     LinkIncoming {
@@ -175,6 +192,9 @@ pub enum Message {
         /// Set when the peer is a legacy portal (absent on native links).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         legacy: Option<LegacyLink>,
+        /// A UDP port of the same relay for a link over QUIC (see `LinkOffer`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quic: Option<QuicPath>,
     },
     /// To the client portal: the link request is refused.
     LinkDenied {
@@ -482,6 +502,7 @@ mod tests {
                     token_p: "0102030405060708".into(),
                     targets: vec![],
                 }),
+                quic: None,
             },
             Message::AllocateLegacy {
                 alloc_id: 4,
@@ -554,10 +575,30 @@ mod tests {
             token: "00".into(),
             expires_in_ms: 1,
             legacy: None,
+            quic: None,
         };
         let body = String::from_utf8(offer.to_body()).expect("JSON is UTF-8");
         assert!(!body.contains("legacy"), "{body}");
-        assert_eq!(Message::from_body(body.as_bytes()), Ok(offer));
+        assert!(!body.contains("quic"), "{body}");
+        assert_eq!(Message::from_body(body.as_bytes()), Ok(offer.clone()));
+        let Message::LinkOffer { relay, .. } = offer else {
+            unreachable!()
+        };
+        let with_quic = Message::LinkOffer {
+            request_id: 1,
+            link_id: 2,
+            peer: "nas".into(),
+            relay,
+            token: "00".into(),
+            expires_in_ms: 1,
+            legacy: None,
+            quic: Some(QuicPath {
+                port: 40_001,
+                token: "11".into(),
+            }),
+        };
+        let body = with_quic.to_body();
+        assert_eq!(Message::from_body(&body), Ok(with_quic));
     }
 
     #[test]

@@ -420,6 +420,34 @@ impl System {
         relay_address: &str,
         layout: Layout,
     ) -> Result<System> {
+        Self::start_full(pki, policy, portals, relays, relay_address, layout, false)
+    }
+
+    /// Like [`System::start`], with links over QUIC (`quic = "auto"`, the product default)
+    /// where the other starters set `quic = "off"` (their tests watch the TCP link: relay
+    /// splices, descriptors, connection close).
+    pub fn start_quic(policy: &str, portals: &[&str]) -> Result<System> {
+        Self::start_full(
+            Pki::new()?,
+            policy,
+            portals,
+            1,
+            "127.0.0.1",
+            Layout::Plain,
+            true,
+        )
+    }
+
+    fn start_full(
+        pki: Pki,
+        policy: &str,
+        portals: &[&str],
+        relays: usize,
+        relay_address: &str,
+        layout: Layout,
+        quic: bool,
+    ) -> Result<System> {
+        let quic = if quic { "auto" } else { "off" };
         let dir = pki.dir.path().to_path_buf();
         let policy_dir = dir.join("policy");
         let mut ranges = Vec::new();
@@ -502,7 +530,7 @@ impl System {
                 &cfg,
                 // Short idle timeout, so tests can watch idle links close.
                 format!(
-                    "servers = [\"{server_addr}\"]\nlink_idle_secs = 3\nshutdown_grace_secs = 20\n{}{}",
+                    "servers = [\"{server_addr}\"]\nlink_idle_secs = 3\nshutdown_grace_secs = 20\nquic = \"{quic}\"\n{}{}",
                     admin_for(&format!("portal-{name}"))?,
                     tls(&cert)
                 ),

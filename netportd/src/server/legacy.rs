@@ -587,6 +587,8 @@ async fn setup(
             relay: relay_name,
             client_key: *key,
             grants: grants.clone(),
+            quic_alloc: None,
+            allocs: 1,
         },
     );
     let serving_tx = lock(&server.portals).get(serving).map(|h| h.tx.clone());
@@ -605,6 +607,7 @@ async fn setup(
             token_p: hex::encode(token_p),
             targets: Vec::new(),
         }),
+        quic: None,
     });
     Ok(Setup {
         token_p,
@@ -670,6 +673,7 @@ pub(super) async fn offer_to_legacy(
                 token_p: hex::encode(setup.token_p),
                 targets: grants,
             }),
+            quic: None,
         });
     }
     tracing::info!(client, serving, rule, relay = %setup.endpoint.relay, link_id = setup.alloc_id, "link allocated (legacy peer)");

@@ -55,6 +55,32 @@ struct LinkInfo {
     relay: String,
     client_key: [u8; 32],
     grants: Vec<netport_proto::control::LinkGrant>,
+    /// The UDP pair beside the TCP one, for a link over QUIC.
+    quic_alloc: Option<u64>,
+    /// Relay allocations of the link still open: the link is gone when none is (the pair
+    /// the portals did not use expires on its own).
+    allocs: u8,
+}
+
+/// A relay allocation ended: its link is forgotten once all its allocations have.
+fn allocation_closed(server: &Server, alloc_id: u64) {
+    let mut links = lock(&server.links);
+    let id = if links.contains_key(&alloc_id) {
+        Some(alloc_id)
+    } else {
+        links
+            .iter()
+            .find(|(_, l)| l.quic_alloc == Some(alloc_id))
+            .map(|(id, _)| *id)
+    };
+    if let Some(id) = id
+        && let Some(l) = links.get_mut(&id)
+    {
+        l.allocs = l.allocs.saturating_sub(1);
+        if l.allocs == 0 {
+            links.remove(&id);
+        }
+    }
 }
 
 /// Where an allocation request's answer goes: the port pair, or why it failed.
@@ -363,6 +389,9 @@ impl Server {
         }
         if let Some(h) = lock(&self.relays).get(&link.relay) {
             let _ = h.tx.send(Message::Release { alloc_id: id });
+            if let Some(q) = link.quic_alloc {
+                let _ = h.tx.send(Message::Release { alloc_id: q });
+            }
         }
     }
 }

@@ -1,0 +1,217 @@
+//! Links over QUIC (quinn) through a relay UDP pair.
+//!
+//! Each portal sends the relay hello (`NPR1` + its token) as datagrams from one UDP socket
+//! to its relay port until the relay answers `NPRY` (both sides are in); then the same socket
+//! becomes a quinn endpoint: a QUIC client on the client portal, a server accepting exactly
+//! one connection on the serving portal. The handshake is TLS 1.3 with the link's own rustls
+//! configurations (same certificates, same exact-peer-identity check on both sides), ALPN
+//! `netport-quic/1`. Each TCP channel or UDP flow is one bidirectional QUIC stream carrying
+//! the same open header and answer as a yamux stream on a TCP link.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use netport_proto::control::{QuicPath, RelayEndpoint};
+use netport_proto::identity::Identity;
+use netport_proto::relay::{self, BAD_TOKEN, READY};
+use netport_proto::tls::QUIC_LINK_ALPN;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::CertificateDer;
+use tokio::net::UdpSocket;
+use tokio::time::Instant;
+
+use crate::Portal;
+use crate::mux::{LinkStream, MAX_STREAMS};
+
+/// How often a portal repeats its hello while the relay has not answered (UDP may lose it).
+const HELLO_EVERY: Duration = Duration::from_millis(200);
+
+/// A link carries QUIC keep-alives this often, so the relay's UDP pair (closed after
+/// `udp_idle_secs` of silence) and NAT bindings stay open while the link is idle.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// A QUIC link with no packet from the peer for this long is dead.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The name the client dials; the exact-peer verifier ignores it (links go through relays).
+const SERVER_NAME: &str = "link.netport.invalid";
+
+fn transport() -> Result<Arc<quinn::TransportConfig>> {
+    let mut t = quinn::TransportConfig::default();
+    // Room for every stream the client portal may open, and a few closing ones.
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(
+        (MAX_STREAMS + MAX_STREAMS / 4) as u32,
+    ));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).map_err(|e| anyhow!("{e}"))?,
+    ));
+    // One datagram per packet: a relay's XDP program rewrites each packet on its own and
+    // never sees a GSO super-packet it would have to split.
+    t.enable_segmentation_offload(false);
+    Ok(Arc::new(t))
+}
+
+/// The relay's UDP address for `path`.
+async fn relay_addr(relay: &RelayEndpoint, path: &QuicPath) -> Result<SocketAddr> {
+    tokio::net::lookup_host((relay.address.as_str(), path.port))
+        .await
+        .with_context(|| format!("resolving relay {} ({})", relay.relay, relay.address))?
+        .next()
+        .ok_or_else(|| anyhow!("relay {} ({}) has no address", relay.relay, relay.address))
+}
+
+/// Sends the hello to the relay's UDP port until the relay says both sides are in; returns
+/// the socket (for the QUIC endpoint) and the relay's address.
+async fn meet(
+    relay: &RelayEndpoint,
+    path: &QuicPath,
+    within: Duration,
+) -> Result<(std::net::UdpSocket, SocketAddr)> {
+    let token = relay::token_from_hex(&path.token).context("malformed token from netportd")?;
+    let addr = relay_addr(relay, path).await?;
+    let any: SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = UdpSocket::bind(any).await.context("binding a UDP socket")?;
+    let hello = relay::encode_hello(&token);
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 64];
+    loop {
+        // A send error (no route, a firewall's reject) is like a lost datagram: retry.
+        let _ = sock.send_to(&hello, addr).await;
+        let step = Instant::now() + HELLO_EVERY;
+        while let Ok(r) =
+            tokio::time::timeout_at(step.min(deadline), sock.recv_from(&mut buf)).await
+        {
+            let Ok((n, from)) = r else { continue };
+            if from != addr {
+                continue;
+            }
+            if &buf[..n] == READY {
+                return Ok((sock.into_std()?, addr));
+            }
+            if &buf[..n] == BAD_TOKEN {
+                bail!("relay {} refused the UDP token", relay.relay);
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no answer from relay {} on UDP port {} within {} ms (UDP blocked?)",
+                relay.relay,
+                path.port,
+                within.as_millis()
+            );
+        }
+    }
+}
+
+fn runtime() -> Result<Arc<dyn quinn::Runtime>> {
+    quinn::default_runtime().ok_or_else(|| anyhow!("no async runtime for QUIC"))
+}
+
+/// The client portal's side: meets the serving portal at the relay's UDP port and connects;
+/// the handshake accepts only `expected` as the peer.
+pub(crate) async fn connect(
+    portal: &Portal,
+    relay: &RelayEndpoint,
+    path: &QuicPath,
+    expected: Identity,
+    within: Duration,
+) -> Result<quinn::Connection> {
+    let deadline = Instant::now() + within;
+    let (sock, addr) = meet(relay, path, within).await?;
+    let mut tls = portal.config.credentials.link_client(expected)?;
+    tls.alpn_protocols = vec![QUIC_LINK_ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| anyhow!("QUIC TLS: {e}"))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport()?);
+    let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, sock, runtime()?)
+        .context("QUIC endpoint")?;
+    let connecting = endpoint
+        .connect_with(config, addr, SERVER_NAME)
+        .context("starting the QUIC handshake")?;
+    let conn = tokio::time::timeout_at(deadline, connecting)
+        .await
+        .context("QUIC handshake timed out")?
+        .context("QUIC handshake (is the peer exactly who netportd announced?)")?;
+    Ok(conn)
+}
+
+/// The serving portal's side: meets the client portal at the relay's UDP port and accepts
+/// one connection, whose client certificate must name exactly `expected`.
+pub(crate) async fn accept(
+    portal: &Portal,
+    relay: &RelayEndpoint,
+    path: &QuicPath,
+    expected: &Identity,
+    within: Duration,
+) -> Result<quinn::Connection> {
+    let deadline = Instant::now() + within;
+    let (sock, _) = meet(relay, path, within).await?;
+    let mut tls = portal.config.credentials.link_server()?;
+    tls.alpn_protocols = vec![QUIC_LINK_ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| anyhow!("QUIC TLS: {e}"))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport()?);
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        sock,
+        runtime()?,
+    )
+    .context("QUIC endpoint")?;
+    let conn = tokio::time::timeout_at(deadline, async {
+        loop {
+            let incoming = endpoint
+                .accept()
+                .await
+                .ok_or_else(|| anyhow!("QUIC endpoint closed"))?;
+            match incoming.accept() {
+                Ok(connecting) => match connecting.await {
+                    Ok(c) => return anyhow::Ok(c),
+                    Err(e) => tracing::debug!("QUIC handshake failed: {e}"),
+                },
+                Err(e) => tracing::debug!("QUIC connection refused: {e}"),
+            }
+        }
+    })
+    .await
+    .context("no QUIC connection from the peer in time")??;
+    // One connection per link: nothing else is accepted on this endpoint.
+    endpoint.set_server_config(None);
+    let certs = conn
+        .peer_identity()
+        .and_then(|a| a.downcast::<Vec<CertificateDer<'static>>>().ok());
+    let info = netport_proto::tls::peer_info(certs.as_deref().map(Vec::as_slice))?;
+    if info.identity()? != expected {
+        conn.close(quinn::VarInt::from_u32(1), b"unexpected peer");
+        bail!(
+            "link peer is {}, but netportd announced {expected}: closing",
+            info.identity()?
+        );
+    }
+    Ok(conn)
+}
+
+/// Opens a stream on a QUIC link.
+pub(crate) async fn open(conn: &quinn::Connection) -> Result<LinkStream> {
+    let (send, recv) = conn.open_bi().await.context("link closed")?;
+    Ok(Box::new(tokio::io::join(recv, send)))
+}
+
+/// Serves a QUIC link: each stream the client opens goes to `serve`; returns why the link
+/// ended.
+pub(crate) async fn serve(conn: quinn::Connection, mut serve: impl FnMut(LinkStream)) -> String {
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => serve(Box::new(tokio::io::join(recv, send))),
+            Err(e) => return e.to_string(),
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Links over QUIC on loopback: the relay gives a UDP pair beside the TCP pair, the portals
+//! run the link over QUIC through it (the product default, `quic = "auto"`), TCP channels
+//! are QUIC streams and UDP flows ride the same link; logs and metrics say `quic`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use netport_e2e::{System, echo_service, wait_listening, wait_log};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+const T: Duration = Duration::from_secs(30);
+
+fn policy(tcp_target: SocketAddr, udp_target: SocketAddr, port: u16) -> String {
+    format!(
+        r#"
+[[portal]]
+name = "alice"
+
+[[portal]]
+name = "nas"
+
+[[service]]
+name = "echo"
+portal = "nas"
+target = "{tcp_target}"
+
+[[service]]
+name = "udp-echo"
+portal = "nas"
+target = "{udp_target}"
+protocol = "udp"
+
+[[access]]
+name = "alice-echo"
+from = ["alice"]
+listen = "127.0.0.1:{port}"
+service = "echo"
+
+[[access]]
+name = "alice-udp"
+from = ["alice"]
+listen = "127.0.0.1:{}"
+service = "udp-echo"
+"#,
+        port + 1
+    )
+}
+
+async fn udp_echo() -> Result<SocketAddr> {
+    let sock = UdpSocket::bind("127.0.0.1:0").await?;
+    let addr = sock.local_addr()?;
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            let _ = sock.send_to(&buf[..n], from).await;
+        }
+    });
+    Ok(addr)
+}
+
+fn pattern(len: usize, salt: u32) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32 ^ salt).wrapping_mul(2_654_435_761).to_be_bytes()[1])
+        .collect()
+}
+
+/// `len` bytes through the tunnel and back, all compared, with a half-close at the end.
+async fn echo_round(addr: &str, len: usize, salt: u32) -> Result<()> {
+    let s = TcpStream::connect(addr).await?;
+    let (mut r, mut w) = s.into_split();
+    let data = pattern(len, salt);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await?;
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(())
+    });
+    let mut back = Vec::with_capacity(len);
+    tokio::time::timeout(T, r.read_to_end(&mut back))
+        .await
+        .context("echo timed out")??;
+    writer.await??;
+    ensure!(back.len() == len, "got {} of {len} bytes back", back.len());
+    ensure!(back == data, "bytes changed in the tunnel");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_link_carries_tcp_streams_and_udp_flows() -> Result<()> {
+    let tcp = echo_service().await?;
+    let udp = udp_echo().await?;
+    let (port, _) = netport_e2e::free_port_range(2)?;
+    let sys = System::start_quic(&policy(tcp, udp, port), &["alice", "nas"])?;
+    let listen = format!("127.0.0.1:{port}");
+    wait_listening(&listen, T).await?;
+
+    // Several streams at once on the one link, 1 MiB each, every byte compared.
+    let rounds: Vec<_> = (0..4)
+        .map(|i| {
+            let listen = listen.clone();
+            tokio::spawn(async move { echo_round(&listen, 1 << 20, i).await })
+        })
+        .collect();
+    for r in rounds {
+        r.await?.with_context(|| sys.logs())?;
+    }
+    wait_log(&sys, "portal-alice", "link_transport=quic", T).await?;
+    wait_log(&sys, "portal-nas", "serving link up", T).await?;
+    let nas = sys.log("portal-nas");
+    ensure!(
+        nas.lines()
+            .any(|l| l.contains("serving link up") && l.contains("link_transport=quic")),
+        "the serving portal did not serve over QUIC:\n{nas}"
+    );
+    let alice = sys.log("portal-alice");
+    ensure!(
+        !alice.contains("falling back to TCP"),
+        "the link fell back to TCP on loopback:\n{alice}"
+    );
+    let m = sys.metrics("portal-alice").await?;
+    let quic = m.get(
+        "netport_link_transports",
+        &[("side", "client"), ("transport", "quic")],
+    );
+    let tcp_links = m.get(
+        "netport_link_transports",
+        &[("side", "client"), ("transport", "tcp")],
+    );
+    ensure!(quic == 1.0, "client QUIC links: {quic}");
+    ensure!(tcp_links == 0.0, "client TCP links: {tcp_links}");
+    let m = sys.metrics("portal-nas").await?;
+    let served = m.get(
+        "netport_link_transports",
+        &[("side", "serving"), ("transport", "quic")],
+    );
+    ensure!(served == 1.0, "serving QUIC links: {served}");
+
+    // A UDP flow on the same link: mixed sizes, each datagram back whole.
+    let client = UdpSocket::bind("127.0.0.1:0").await?;
+    let to = format!("127.0.0.1:{}", port + 1);
+    let mut buf = vec![0u8; 65_536];
+    for (i, len) in [0usize, 1, 100, 1200, 1400, 4000, 9000, 30_000, 65_507]
+        .into_iter()
+        .enumerate()
+    {
+        let data = pattern(len, i as u32);
+        // The listener may still be coming up: retry the first datagram.
+        let n = loop {
+            client.send_to(&data, &to).await?;
+            match tokio::time::timeout(Duration::from_secs(2), client.recv_from(&mut buf)).await {
+                Ok(r) => break r?.0,
+                Err(_) if i == 0 => continue,
+                Err(_) => anyhow::bail!("no echo of {len} bytes:\n{}", sys.logs()),
+            }
+        };
+        ensure!(n == len, "sent {len} bytes, got {n}");
+        ensure!(buf[..n] == data[..], "datagram of {len} bytes changed");
+    }
+    // Still one link: the UDP flow rode the QUIC link the streams opened.
+    let m = sys.metrics("portal-alice").await?;
+    ensure!(
+        m.get("netport_links", &[("side", "client")]) == 1.0,
+        "more than one link"
+    );
+    Ok(())
+}
