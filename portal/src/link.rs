@@ -22,6 +22,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use crate::config::QuicMode;
 use crate::mux::{self, LinkStream, Opener};
 use crate::observe::Side;
+use crate::quic::{FlowDatagrams, QuicLink};
 use crate::{Portal, lock};
 use tokio_util::sync::CancellationToken;
 
@@ -38,7 +39,7 @@ pub(crate) const OPEN_DIAL_FAILED: u8 = 2;
 #[derive(Clone, Debug)]
 enum LinkOpener {
     Native(Opener),
-    Quic(quinn::Connection),
+    Quic(crate::quic::QuicLink),
     Legacy(crate::legacy::Opener),
 }
 
@@ -46,7 +47,7 @@ impl LinkOpener {
     fn close(&self) {
         match self {
             LinkOpener::Native(o) => o.close(),
-            LinkOpener::Quic(c) => c.close(quinn::VarInt::from_u32(0), b"closed"),
+            LinkOpener::Quic(q) => q.conn.close(quinn::VarInt::from_u32(0), b"closed"),
             LinkOpener::Legacy(o) => o.close(),
         }
     }
@@ -54,16 +55,17 @@ impl LinkOpener {
     fn is_closed(&self) -> bool {
         match self {
             LinkOpener::Native(o) => o.is_closed(),
-            LinkOpener::Quic(c) => c.close_reason().is_some(),
+            LinkOpener::Quic(q) => q.conn.close_reason().is_some(),
             LinkOpener::Legacy(o) => o.is_closed(),
         }
     }
 
-    /// A new stream on a native (yamux or QUIC) link.
-    async fn open(&self) -> Result<LinkStream> {
+    /// A new stream on a native (yamux or QUIC) link; for a UDP flow (`flow`) on a QUIC
+    /// link, its datagrams too.
+    async fn open(&self, flow: bool) -> Result<(LinkStream, Option<FlowDatagrams>)> {
         match self {
-            LinkOpener::Native(o) => Ok(Box::new(o.open().await?)),
-            LinkOpener::Quic(c) => crate::quic::open(c).await,
+            LinkOpener::Native(o) => Ok((Box::new(o.open().await?), None)),
+            LinkOpener::Quic(q) => q.open(flow).await,
             LinkOpener::Legacy(_) => bail!("internal: a native stream on a legacy link"),
         }
     }
@@ -199,6 +201,7 @@ pub async fn carry(
             stream,
             guard,
             link_id,
+            ..
         } => (stream, guard, link_id),
         Channel::Legacy { link, guard } => {
             let LinkOpener::Legacy(o) = &link.opener else {
@@ -235,6 +238,8 @@ pub(crate) enum Channel {
     /// A stream on a native link, accepted by the serving portal.
     Stream {
         stream: LinkStream,
+        /// A UDP flow's datagrams, on a QUIC link.
+        datagrams: Option<FlowDatagrams>,
         /// Counts the stream as active on the link until dropped.
         guard: Active,
         link_id: u64,
@@ -249,6 +254,7 @@ pub(crate) enum Channel {
 /// link until the returned guard is dropped.
 pub(crate) async fn open_channel(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Channel> {
     let mut stream = None;
+    let mut datagrams = None;
     let mut guard = None;
     let mut link_id = 0;
     for _ in 0..2 {
@@ -266,9 +272,10 @@ pub(crate) async fn open_channel(portal: &Arc<Portal>, spec: &ListenerSpec) -> R
                 guard: active,
             });
         }
-        match link.opener.open().await {
-            Ok(s) => {
+        match link.opener.open(spec.transport == Transport::Udp).await {
+            Ok((s, d)) => {
                 stream = Some(s);
+                datagrams = d;
                 guard = Some(active);
                 link_id = link.link_id;
                 break;
@@ -302,6 +309,7 @@ pub(crate) async fn open_channel(portal: &Arc<Portal>, spec: &ListenerSpec) -> R
     }
     Ok(Channel::Stream {
         stream,
+        datagrams,
         guard,
         link_id,
     })
@@ -474,7 +482,7 @@ fn quic_client_link(
     });
     let link = ClientLink {
         link_id,
-        opener: LinkOpener::Quic(conn),
+        opener: LinkOpener::Quic(QuicLink::new(conn)),
         dead,
         active: Arc::default(),
     };
@@ -537,11 +545,15 @@ pub async fn serve_incoming(
     let streams: OpenStreams = Arc::default();
     let (g, st, p) = (grants.clone(), streams.clone(), portal.clone());
     let task = tokio::spawn(async move {
-        let spawn_stream = |stream: LinkStream| {
+        let spawn_stream = |stream: LinkStream, datagrams: Option<FlowDatagrams>| {
             let (grants, streams, peer, p) = (g.clone(), st.clone(), peer.clone(), p.clone());
-            let udp = p.config.udp;
             tokio::spawn(async move {
-                if let Err(e) = serve_stream(&p, stream, grants, streams, &peer, udp).await {
+                let open = Open {
+                    grants,
+                    streams,
+                    peer: &peer,
+                };
+                if let Err(e) = serve_stream(&p, stream, datagrams, open).await {
                     tracing::warn!(%peer, "stream refused: {e:#}");
                 }
             });
@@ -550,7 +562,7 @@ pub async fn serve_incoming(
             let tls = accept_tcp(&p, &relay, &token, &expected).await?;
             let _up = p.stats.link(Side::Serving, "tcp");
             tracing::info!(link_id, relay = %relay.relay, link_transport = %"tcp", "serving link up");
-            anyhow::Ok(mux::server(tls, |s| spawn_stream(Box::new(s))).await)
+            anyhow::Ok(mux::server(tls, |s| spawn_stream(Box::new(s), None)).await)
         };
         let over_quic = async {
             let Some(path) = &quic else {
@@ -559,7 +571,7 @@ pub async fn serve_incoming(
             let conn = crate::quic::accept(&p, &relay, path, &expected, SERVE_WAIT).await?;
             let _up = p.stats.link(Side::Serving, "quic");
             tracing::info!(link_id, relay = %relay.relay, link_transport = %"quic", "serving link up");
-            anyhow::Ok(Some(crate::quic::serve(conn, spawn_stream).await))
+            anyhow::Ok(Some(QuicLink::new(conn).serve(spawn_stream).await))
         };
         let (tcp, quic) = tokio::join!(over_tcp, over_quic);
         match (tcp, quic) {
@@ -616,14 +628,24 @@ async fn accept_tcp(
     Ok(tls)
 }
 
+/// What a served stream may open, and where it registers.
+struct Open<'a> {
+    grants: SharedGrants,
+    streams: OpenStreams,
+    peer: &'a str,
+}
+
 async fn serve_stream(
     portal: &Portal,
     mut stream: LinkStream,
-    grants: SharedGrants,
-    streams: OpenStreams,
-    peer: &str,
-    config: crate::config::UdpConfig,
+    datagrams: Option<FlowDatagrams>,
+    open: Open<'_>,
 ) -> Result<()> {
+    let Open {
+        grants,
+        streams,
+        peer,
+    } = open;
     let service = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut stream))
         .await
         .context("no stream header")??;
@@ -643,7 +665,12 @@ async fn serve_stream(
         bail!("`{peer}` asked for `{service}`, which this link does not grant");
     };
     if transport == Transport::Udp {
-        return crate::udp::serve(stream, streams, service, &target, config).await;
+        let flow = crate::udp::Flow {
+            stream,
+            datagrams,
+            stats: &portal.stats,
+        };
+        return crate::udp::serve(flow, streams, service, &target, portal.config.udp).await;
     }
     let mut tcp =
         match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&target)).await {

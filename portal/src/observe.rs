@@ -27,6 +27,12 @@ struct TransportLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CarrierLabel {
+    /// `quic_datagram` or `stream`.
+    carrier: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BytesLabel {
     side: String,
     /// `to_service` or `from_service`.
@@ -44,6 +50,7 @@ pub struct Stats {
     metrics: Metrics,
     links: Family<SideLabel, Gauge>,
     link_transports: Family<TransportLabel, Gauge>,
+    udp_carried: Family<CarrierLabel, Counter>,
     streams: Family<SideLabel, Gauge>,
     streams_opened: Family<SideLabel, Counter>,
     bytes: Family<BytesLabel, Counter>,
@@ -98,6 +105,12 @@ impl Stats {
             "Links up, by side and transport (quic or tcp)",
             link_transports.clone(),
         );
+        let udp_carried = Family::<CarrierLabel, Counter>::default();
+        r.register(
+            "udp_link_datagrams",
+            "UDP datagrams sent onto links, by carrier: quic_datagram (one QUIC datagram each) or stream (framed on the flow's stream)",
+            udp_carried.clone(),
+        );
         let streams = Family::<SideLabel, Gauge>::default();
         r.register(
             "streams",
@@ -132,6 +145,7 @@ impl Stats {
             metrics,
             links,
             link_transports,
+            udp_carried,
             streams,
             streams_opened,
             bytes,
@@ -178,6 +192,15 @@ impl Stats {
                 gauge: by_transport,
             },
         ]
+    }
+
+    /// The counters of UDP datagrams sent onto links: as QUIC datagrams, on streams.
+    pub(crate) fn udp_carriers(&self) -> [Counter; 2] {
+        ["quic_datagram", "stream"].map(|c| {
+            self.udp_carried
+                .get_or_create(&CarrierLabel { carrier: c.into() })
+                .clone()
+        })
     }
 
     pub(crate) fn denied(&self, reason: &str) {

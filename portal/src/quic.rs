@@ -7,10 +7,19 @@
 //! configurations (same certificates, same exact-peer-identity check on both sides), ALPN
 //! `netport-quic/1`. Each TCP channel or UDP flow is one bidirectional QUIC stream carrying
 //! the same open header and answer as a yamux stream on a TCP link.
+//!
+//! A UDP flow's datagrams travel as QUIC datagrams: the flow's stream index (u32, big
+//! endian) and the payload. A datagram too large for one QUIC packet on the path goes on
+//! the flow's stream instead, framed as on a TCP link, so no size is refused that a TCP link
+//! carries; the receiving side takes both.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use netport_proto::control::{QuicPath, RelayEndpoint};
@@ -22,8 +31,8 @@ use rustls::pki_types::CertificateDer;
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
-use crate::Portal;
 use crate::mux::{LinkStream, MAX_STREAMS};
+use crate::{Portal, lock};
 
 /// How often a portal repeats its hello while the relay has not answered (UDP may lose it).
 const HELLO_EVERY: Duration = Duration::from_millis(200);
@@ -199,19 +208,135 @@ pub(crate) async fn accept(
     Ok(conn)
 }
 
-/// Opens a stream on a QUIC link.
-pub(crate) async fn open(conn: &quinn::Connection) -> Result<LinkStream> {
-    let (send, recv) = conn.open_bi().await.context("link closed")?;
-    Ok(Box::new(tokio::io::join(recv, send)))
+/// Length of the flow id in front of a datagram.
+const FLOW_ID: usize = 4;
+
+/// Datagrams queued for one flow before the newest are dropped (as a congested path would).
+const FLOW_QUEUE: usize = 256;
+
+type Flows = Arc<Mutex<HashMap<u32, mpsc::Sender<Bytes>>>>;
+
+/// A QUIC link: the connection and the UDP flows its datagrams are routed to.
+#[derive(Clone, Debug)]
+pub(crate) struct QuicLink {
+    pub(crate) conn: quinn::Connection,
+    flows: Flows,
 }
 
-/// Serves a QUIC link: each stream the client opens goes to `serve`; returns why the link
-/// ended.
-pub(crate) async fn serve(conn: quinn::Connection, mut serve: impl FnMut(LinkStream)) -> String {
-    loop {
-        match conn.accept_bi().await {
-            Ok((send, recv)) => serve(Box::new(tokio::io::join(recv, send))),
-            Err(e) => return e.to_string(),
+impl QuicLink {
+    /// Starts routing the connection's datagrams to the flows that register.
+    pub(crate) fn new(conn: quinn::Connection) -> QuicLink {
+        let flows: Flows = Arc::default();
+        let (c, f) = (conn.clone(), flows.clone());
+        tokio::spawn(async move {
+            // Ends with the connection.
+            while let Ok(d) = c.read_datagram().await {
+                let Some(id) = d.get(..FLOW_ID) else { continue };
+                let id = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
+                let tx = lock(&f).get(&id).cloned();
+                // A datagram of a flow that is gone, or of a full queue, is dropped.
+                if let Some(tx) = tx {
+                    let _ = tx.try_send(d.slice(FLOW_ID..));
+                }
+            }
+        });
+        QuicLink { conn, flows }
+    }
+
+    /// Opens a stream; `flow` also registers it for datagrams (a UDP flow).
+    pub(crate) async fn open(&self, flow: bool) -> Result<(LinkStream, Option<FlowDatagrams>)> {
+        let (send, recv) = self.conn.open_bi().await.context("link closed")?;
+        let datagrams = if flow { self.flow(send.id()) } else { None };
+        Ok((Box::new(tokio::io::join(recv, send)), datagrams))
+    }
+
+    /// The datagrams of the flow on stream `id`, from now until the result is dropped.
+    fn flow(&self, id: quinn::StreamId) -> Option<FlowDatagrams> {
+        let id = u32::try_from(id.index()).ok()?;
+        let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+        lock(&self.flows).insert(id, tx);
+        Some(FlowDatagrams {
+            tx: FlowSender {
+                id,
+                conn: self.conn.clone(),
+            },
+            rx: FlowReceiver {
+                id,
+                rx,
+                flows: self.flows.clone(),
+            },
+        })
+    }
+
+    /// Serves the link: each stream the client opens goes to `serve` with its datagrams (a
+    /// stream that turns out to be a TCP channel drops them); returns why the link ended.
+    pub(crate) async fn serve(
+        &self,
+        mut serve: impl FnMut(LinkStream, Option<FlowDatagrams>),
+    ) -> String {
+        loop {
+            match self.conn.accept_bi().await {
+                Ok((send, recv)) => {
+                    let datagrams = self.flow(send.id());
+                    serve(Box::new(tokio::io::join(recv, send)), datagrams)
+                }
+                Err(e) => return e.to_string(),
+            }
         }
+    }
+}
+
+/// A UDP flow's datagrams on a QUIC link.
+#[derive(Debug)]
+pub(crate) struct FlowDatagrams {
+    pub(crate) tx: FlowSender,
+    pub(crate) rx: FlowReceiver,
+}
+
+/// Sends a flow's datagrams.
+#[derive(Debug)]
+pub(crate) struct FlowSender {
+    id: u32,
+    conn: quinn::Connection,
+}
+
+impl FlowSender {
+    /// Sends `data` as one QUIC datagram; `false` when it does not fit one (the caller puts
+    /// it on the flow's stream).
+    pub(crate) fn send(&self, data: &[u8]) -> bool {
+        match self.conn.max_datagram_size() {
+            Some(max) if FLOW_ID + data.len() <= max => {}
+            _ => return false,
+        }
+        let mut d = Vec::with_capacity(FLOW_ID + data.len());
+        d.extend_from_slice(&self.id.to_be_bytes());
+        d.extend_from_slice(data);
+        !matches!(
+            self.conn.send_datagram(Bytes::from(d)),
+            Err(quinn::SendDatagramError::TooLarge
+                | quinn::SendDatagramError::Disabled
+                | quinn::SendDatagramError::UnsupportedByPeer)
+        )
+    }
+}
+
+/// Receives a flow's datagrams; unregisters the flow when dropped.
+#[derive(Debug)]
+pub(crate) struct FlowReceiver {
+    id: u32,
+    rx: mpsc::Receiver<Bytes>,
+    flows: Flows,
+}
+
+impl FlowReceiver {
+    /// The next datagram; `None` once the link is gone.
+    pub(crate) async fn recv(&mut self) -> Option<Bytes> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for FlowReceiver {
+    fn drop(&mut self) {
+        lock(&self.flows).remove(&self.id);
     }
 }

@@ -93,6 +93,7 @@ async fn a_quic_link_carries_tcp_streams_and_udp_flows() -> Result<()> {
     let udp = udp_echo().await?;
     let (port, _) = netport_e2e::free_port_range(2)?;
     let sys = System::start_quic(&policy(tcp, udp, port), &["alice", "nas"])?;
+    sys.wait_ready().await?;
     let listen = format!("127.0.0.1:{port}");
     wait_listening(&listen, T).await?;
 
@@ -158,11 +159,28 @@ async fn a_quic_link_carries_tcp_streams_and_udp_flows() -> Result<()> {
         ensure!(n == len, "sent {len} bytes, got {n}");
         ensure!(buf[..n] == data[..], "datagram of {len} bytes changed");
     }
-    // Still one link: the UDP flow rode the QUIC link the streams opened.
+    // Still one link: the UDP flow rode the QUIC link the streams opened; the small
+    // datagrams went as QUIC datagrams, those larger than a QUIC packet on the flow's stream.
     let m = sys.metrics("portal-alice").await?;
     ensure!(
         m.get("netport_links", &[("side", "client")]) == 1.0,
         "more than one link"
+    );
+    let carried = |m: &netport_e2e::Metrics, carrier: &str| {
+        m.get("netport_udp_link_datagrams_total", &[("carrier", carrier)])
+    };
+    ensure!(
+        carried(&m, "quic_datagram") >= 4.0 && carried(&m, "stream") >= 4.0,
+        "client sent {} as QUIC datagrams, {} on the stream",
+        carried(&m, "quic_datagram"),
+        carried(&m, "stream")
+    );
+    let m = sys.metrics("portal-nas").await?;
+    ensure!(
+        carried(&m, "quic_datagram") >= 4.0 && carried(&m, "stream") >= 4.0,
+        "serving portal sent {} as QUIC datagrams, {} on the stream",
+        carried(&m, "quic_datagram"),
+        carried(&m, "stream")
     );
     Ok(())
 }

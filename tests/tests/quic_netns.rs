@@ -10,8 +10,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use netport_e2e::netns::Netns;
 use netport_e2e::netns::{Topology, skip_unless_root};
-use netport_e2e::{Daemon, Daemons, Pki, wait_log};
+use netport_e2e::{Daemon, Daemons, Metrics, Pki, wait_log};
 use netport_proto::identity::Role;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
@@ -21,6 +22,8 @@ const CONTROL_PORT: u16 = 7443;
 const UDP_LISTEN: &str = "127.0.0.1:6001";
 const TCP_LISTEN: &str = "127.0.0.1:6002";
 const RELAY_NAME: &str = "relay.netport.test";
+/// The portals' admin endpoints, each on its namespace's loopback.
+const ADMIN: &str = "127.0.0.1:9100";
 
 /// The system across the namespaces; daemons stop before the namespaces go.
 struct Deployment {
@@ -184,7 +187,7 @@ async fn deploy(topo: Topology, fast_path: &str) -> Result<Deployment> {
             dir.join(&file),
             format!(
                 "servers = [\"{server}:{CONTROL_PORT}\"]\nserver_name = \"localhost\"\n\
-                 quic = \"auto\"\n{}",
+                 quic = \"auto\"\nadmin_listen = \"{ADMIN}\"\n{}",
                 tls(Role::Portal, name)?
             ),
         )?;
@@ -313,6 +316,24 @@ async fn tcp_round(dep: &Deployment) -> Result<()> {
     Ok(())
 }
 
+/// A portal's metrics, from its admin endpoint on the loopback of `ns`.
+fn metrics_in(ns: &Netns) -> Result<Metrics> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = ADMIN.parse()?;
+    let text = ns.enter(move || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: portal\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })??;
+    let (_, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("not an HTTP answer: {text}"))?;
+    Metrics::parse(body)
+}
+
 /// A numeric `name=value` field of the first log line containing `needle`.
 fn log_field(log: &str, needle: &str, name: &str) -> Option<u64> {
     let line = log.lines().find(|l| l.contains(needle))?;
@@ -343,6 +364,16 @@ async fn udp_tunnel_over_a_quic_link_through_the_xdp_relay() -> Result<()> {
     for (who, ns) in [("X", &dep.topo.x), ("Y", &dep.topo.y)] {
         let errors = ns.snmp("Udp", "InCsumErrors")?;
         ensure!(errors == 0, "{who} counted {errors} UDP checksum errors");
+        // The flow's datagrams rode the link as QUIC datagrams (the few larger than a QUIC
+        // packet on the flow's stream).
+        let m = metrics_in(ns)?;
+        let carried = |c: &str| m.get("netport_udp_link_datagrams_total", &[("carrier", c)]);
+        let (datagrams, framed) = (carried("quic_datagram"), carried("stream"));
+        println!("{who}: {datagrams} as QUIC datagrams, {framed} on the stream");
+        ensure!(
+            datagrams >= 0.9 * f64::from(DATAGRAMS) && framed >= f64::from(DATAGRAMS / 97),
+            "{who} sent {datagrams} datagrams as QUIC datagrams and {framed} on the stream"
+        );
     }
     // Stop the portals: the relay's UDP pair goes idle, closes and reports what the XDP
     // program carried.
