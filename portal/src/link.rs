@@ -473,12 +473,17 @@ fn quic_client_link(
     let dead = Arc::new(AtomicBool::new(false));
     let up = portal.stats.link(Side::Client, "quic");
     tracing::info!(link_id, %peer, relay = %relay.relay, link_transport = %"quic", "link up");
-    let (c, flag) = (conn.clone(), dead.clone());
+    let (c, flag, p) = (conn.clone(), dead.clone(), portal.clone());
     tokio::spawn(async move {
         let why = c.closed().await;
         drop(up);
         flag.store(true, Ordering::Relaxed);
         tracing::info!(link_id, %peer, link_transport = %"quic", "link ended: {why}");
+        // Unlike a TCP pair, the relay's UDP pair cannot see the link end.
+        p.tell_server(Message::LinkClosed {
+            link_id,
+            reason: why.to_string(),
+        });
     });
     let link = ClientLink {
         link_id,
@@ -588,6 +593,10 @@ pub async fn serve_incoming(
             (Err(t), Ok(Some(why))) => {
                 tracing::debug!(link_id, "TCP path unused: {t:#}");
                 tracing::info!(link_id, link_transport = %"quic", "served link ended: {why}");
+                p.tell_server(Message::LinkClosed {
+                    link_id,
+                    reason: why,
+                });
             }
         }
         lock(&p.links.served).remove(&link_id);

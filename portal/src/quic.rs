@@ -41,8 +41,9 @@ const HELLO_EVERY: Duration = Duration::from_millis(200);
 /// `udp_idle_secs` of silence) and NAT bindings stay open while the link is idle.
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
-/// A QUIC link with no packet from the peer for this long is dead.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A QUIC link with no packet from the peer for this long is dead (three keep-alives
+/// lost): a TCP link learns of a dead relay from the kernel, a QUIC link only this way.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The name the client dials; the exact-peer verifier ignores it (links go through relays).
 const SERVER_NAME: &str = "link.netport.invalid";

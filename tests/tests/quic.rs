@@ -138,6 +138,11 @@ async fn a_quic_link_carries_tcp_streams_and_udp_flows() -> Result<()> {
     );
     ensure!(served == 1.0, "serving QUIC links: {served}");
 
+    // The link idles out (link_idle_secs = 3); the portals tell netportd, which releases the
+    // relay's UDP pair at once (the relay cannot see a QUIC link end by itself).
+    wait_log(&sys, "portal-alice", "closing the link: idle", T).await?;
+    wait_log(&sys, "relayd", "allocation released by netportd", T).await?;
+
     // A UDP flow on the same link: mixed sizes, each datagram back whole.
     let client = UdpSocket::bind("127.0.0.1:0").await?;
     let to = format!("127.0.0.1:{}", port + 1);
@@ -159,7 +164,7 @@ async fn a_quic_link_carries_tcp_streams_and_udp_flows() -> Result<()> {
         ensure!(n == len, "sent {len} bytes, got {n}");
         ensure!(buf[..n] == data[..], "datagram of {len} bytes changed");
     }
-    // Still one link: the UDP flow rode the QUIC link the streams opened; the small
+    // One link (a new one: the first idled out); the small
     // datagrams went as QUIC datagrams, those larger than a QUIC packet on the flow's stream.
     let m = sys.metrics("portal-alice").await?;
     ensure!(

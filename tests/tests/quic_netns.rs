@@ -375,10 +375,10 @@ async fn udp_tunnel_over_a_quic_link_through_the_xdp_relay() -> Result<()> {
             "{who} sent {datagrams} datagrams as QUIC datagrams and {framed} on the stream"
         );
     }
-    // Stop the portals: the relay's UDP pair goes idle, closes and reports what the XDP
-    // program carried.
-    dep.daemon("portal-alice")?.terminate()?;
-    dep.daemon("portal-nas")?.terminate()?;
+    // Kill the portals (a clean exit would have netportd release the pair): the relay's UDP
+    // pair goes idle, closes and reports what the XDP program carried.
+    dep.daemon("portal-alice")?.kill();
+    dep.daemon("portal-nas")?.kill();
     wait_log(&dep, "relayd", "udp allocation closed", T).await?;
     let log = dep.log("relayd");
     ensure!(

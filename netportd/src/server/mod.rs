@@ -62,8 +62,9 @@ struct LinkInfo {
     allocs: u8,
 }
 
-/// A relay allocation ended: its link is forgotten once all its allocations have.
-fn allocation_closed(server: &Server, alloc_id: u64) {
+/// A relay allocation ended: its link is forgotten once all its allocations have. Returns
+/// the link's id and whether it is gone, `None` for an allocation of no known link.
+fn allocation_closed(server: &Server, alloc_id: u64) -> Option<(u64, bool)> {
     let mut links = lock(&server.links);
     let id = if links.contains_key(&alloc_id) {
         Some(alloc_id)
@@ -73,14 +74,14 @@ fn allocation_closed(server: &Server, alloc_id: u64) {
             .find(|(_, l)| l.quic_alloc == Some(alloc_id))
             .map(|(id, _)| *id)
     };
-    if let Some(id) = id
-        && let Some(l) = links.get_mut(&id)
-    {
-        l.allocs = l.allocs.saturating_sub(1);
-        if l.allocs == 0 {
-            links.remove(&id);
-        }
+    let id = id?;
+    let l = links.get_mut(&id)?;
+    l.allocs = l.allocs.saturating_sub(1);
+    let gone = l.allocs == 0;
+    if gone {
+        links.remove(&id);
     }
+    Some((id, gone))
 }
 
 /// Where an allocation request's answer goes: the port pair, or why it failed.
@@ -373,6 +374,24 @@ impl Server {
                 if let Some(l) = lock(&self.links).get_mut(&id) {
                     l.grants = grants;
                 }
+            }
+        }
+    }
+
+    /// A portal of link `id` says it ended: its relay allocations are released now (a UDP
+    /// pair would otherwise wait for its idle timeout, holding relay capacity). Only a
+    /// portal of the link may end it; anyone else is ignored.
+    fn release_link(&self, portal: &str, id: u64) {
+        let link = lock(&self.links)
+            .get(&id)
+            .filter(|l| l.client == portal || l.serving == portal)
+            .map(|l| (l.relay.clone(), l.quic_alloc));
+        let Some((relay, quic)) = link else {
+            return;
+        };
+        if let Some(h) = lock(&self.relays).get(&relay) {
+            for alloc_id in std::iter::once(id).chain(quic) {
+                let _ = h.tx.send(Message::Release { alloc_id });
             }
         }
     }

@@ -371,6 +371,7 @@ async fn portal_session(
             }
             Ok(Some(Message::LinkClosed { link_id, reason })) => {
                 tracing::debug!(portal = %name, link_id, %reason, "link closed");
+                server.release_link(&name, link_id);
             }
             Ok(Some(Message::StreamClosed {
                 link_id,
@@ -791,8 +792,18 @@ async fn relay_session(
                 if let Some(h) = lock(&server.relays).get_mut(&name) {
                     h.live = h.live.saturating_sub(1);
                 }
-                super::allocation_closed(&server, alloc_id);
-                tracing::info!(relay = %name, link_id = alloc_id, bytes_a_to_b, bytes_b_to_a, %reason, "link ended");
+                match super::allocation_closed(&server, alloc_id) {
+                    Some((link_id, true)) => {
+                        tracing::info!(relay = %name, link_id, alloc_id, bytes_a_to_b, bytes_b_to_a, %reason, "link ended")
+                    }
+                    // The pair the portals did not use (TCP or UDP) closed; the link goes on.
+                    Some((link_id, false)) => {
+                        tracing::info!(relay = %name, link_id, alloc_id, bytes_a_to_b, bytes_b_to_a, %reason, "link allocation closed; the link's other pair remains")
+                    }
+                    None => {
+                        tracing::info!(relay = %name, link_id = alloc_id, bytes_a_to_b, bytes_b_to_a, %reason, "link ended")
+                    }
+                }
             }
             Ok(Some(Message::Heartbeat { .. })) => {}
             Ok(Some(other)) => tracing::debug!(relay = %name, kind = other.kind(), "ignored"),
