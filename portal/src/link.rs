@@ -574,6 +574,8 @@ pub async fn serve_incoming(
                 return Ok(None);
             };
             let conn = crate::quic::accept(&p, &relay, path, &expected, SERVE_WAIT).await?;
+            // However this ends (netportd closing the link aborts the task), the peer hears.
+            let _close = crate::quic::CloseOnDrop(conn.clone());
             let _up = p.stats.link(Side::Serving, "quic");
             tracing::info!(link_id, relay = %relay.relay, link_transport = %"quic", "serving link up");
             anyhow::Ok(Some(QuicLink::new(conn).serve(spawn_stream).await))
@@ -681,6 +683,8 @@ async fn serve_stream(
         };
         return crate::udp::serve(flow, streams, service, &target, portal.config.udp).await;
     }
+    // A TCP channel takes no datagrams.
+    drop(datagrams);
     let mut tcp =
         match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&target)).await {
             Ok(Ok(t)) => t,

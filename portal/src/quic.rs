@@ -209,6 +209,17 @@ pub(crate) async fn accept(
     Ok(conn)
 }
 
+/// Closes a QUIC connection when dropped (other handles, like the datagram router's, would
+/// keep it open).
+#[derive(Debug)]
+pub(crate) struct CloseOnDrop(pub(crate) quinn::Connection);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(quinn::VarInt::from_u32(0), b"link closed");
+    }
+}
+
 /// Length of the flow id in front of a datagram.
 const FLOW_ID: usize = 4;
 

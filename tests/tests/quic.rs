@@ -189,3 +189,45 @@ async fn a_quic_link_carries_tcp_streams_and_udp_flows() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_withdraws_the_access_closes_the_quic_link_and_frees_the_relay() -> Result<()>
+{
+    let tcp = echo_service().await?;
+    let udp = udp_echo().await?;
+    let (port, _) = netport_e2e::free_port_range(2)?;
+    let sys = System::start_quic(&policy(tcp, udp, port), &["alice", "nas"])?;
+    sys.wait_ready().await?;
+    let listen = format!("127.0.0.1:{port}");
+    wait_listening(&listen, T).await?;
+    let mut held = TcpStream::connect(&listen).await?;
+    held.write_all(b"ping").await?;
+    let mut b = [0u8; 4];
+    tokio::time::timeout(T, held.read_exact(&mut b)).await??;
+    ensure!(&b == b"ping", "echo changed");
+    wait_log(&sys, "portal-nas", "link_transport=quic", T).await?;
+
+    // The same policy without alice's access rules: netportd closes the link.
+    let without: String = policy(tcp, udp, port)
+        .split("[[access]]")
+        .next()
+        .context("policy")?
+        .to_string();
+    sys.set_policy(&without)?;
+    wait_log(
+        &sys,
+        "netportd",
+        "closing a link the policy no longer allows",
+        T,
+    )
+    .await?;
+    // The held connection ends on both portals, and the relay's UDP pair is released.
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, held.read_to_end(&mut rest))
+        .await
+        .context("the held connection outlived its link")?
+        .ok();
+    wait_log(&sys, "portal-nas", "served link closed by netportd", T).await?;
+    wait_log(&sys, "relayd", "allocation released by netportd", T).await?;
+    Ok(())
+}
