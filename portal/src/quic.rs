@@ -201,10 +201,12 @@ pub(crate) async fn accept(
     let info = netport_proto::tls::peer_info(certs.as_deref().map(Vec::as_slice))?;
     if info.identity()? != expected {
         conn.close(quinn::VarInt::from_u32(1), b"unexpected peer");
-        bail!(
+        let e = format!(
             "link peer is {}, but netportd announced {expected}: closing",
             info.identity()?
         );
+        tracing::warn!(link_transport = %"quic", "{e}");
+        bail!(e);
     }
     Ok(conn)
 }

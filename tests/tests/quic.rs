@@ -231,3 +231,91 @@ async fn a_policy_that_withdraws_the_access_closes_the_quic_link_and_frees_the_r
     wait_log(&sys, "relayd", "allocation released by netportd", T).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_certificate_with_the_wrong_identity_is_refused_on_a_quic_link() -> Result<()> {
+    use netport_proto::control::Message;
+    use netport_proto::identity::{Identity, Role};
+    use netport_proto::relay::{READY, encode_hello, token_from_hex};
+
+    let tcp = echo_service().await?;
+    let udp = udp_echo().await?;
+    let (port, _) = netport_e2e::free_port_range(2)?;
+    // Only the serving portal is real; the test plays `alice` towards netportd and shows
+    // `mallory`'s certificate on the QUIC link.
+    let sys = System::start_quic(&policy(tcp, udp, port), &["nas"])?;
+    sys.wait_ready().await?;
+    let alice = sys
+        .pki
+        .credentials(&sys.pki.issue(Role::Portal, "alice")?)?;
+    let mallory = sys
+        .pki
+        .credentials(&sys.pki.issue(Role::Portal, "mallory")?)?;
+    let mut c = netport_e2e::portal_session(&alice, sys.server_addr).await?;
+    c.send(&Message::OpenLink {
+        request_id: 1,
+        access: "alice-echo".into(),
+    })
+    .await?;
+    let (relay, quic, peer) = loop {
+        if let Message::LinkOffer {
+            relay, quic, peer, ..
+        } = c.recv(T).await?
+        {
+            break (relay, quic.context("the offer has no QUIC path")?, peer);
+        }
+    };
+    let relay_addr: SocketAddr = format!("{}:{}", relay.address, quic.port).parse()?;
+    let sock = UdpSocket::bind("127.0.0.1:0").await?;
+    let hello = encode_hello(&token_from_hex(&quic.token).context("token")?);
+    let mut buf = [0u8; 64];
+    loop {
+        sock.send_to(&hello, relay_addr).await?;
+        if let Ok(r) =
+            tokio::time::timeout(Duration::from_millis(200), sock.recv_from(&mut buf)).await
+            && let (n, from) = r?
+            && from == relay_addr
+            && buf[..n] == READY[..]
+        {
+            break;
+        }
+    }
+    let mut tls = mallory.link_client(Identity::new(Role::Portal, peer)?)?;
+    tls.alpn_protocols = vec![netport_proto::tls::QUIC_LINK_ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        sock.into_std()?,
+        quinn::default_runtime().context("runtime")?,
+    )?;
+    let config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    // TLS 1.3: the client finishes first; the serving portal checks the identity after.
+    if let Ok(Ok(conn)) = tokio::time::timeout(
+        T,
+        endpoint.connect_with(config, relay_addr, "link.netport.invalid")?,
+    )
+    .await
+    {
+        let answer = async {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            send.write_all(b"\0\x04echo").await?;
+            anyhow::Ok(recv.read_to_end(1 << 16).await?)
+        };
+        let got = tokio::time::timeout(T, answer)
+            .await
+            .context("the serving portal kept the link of a wrong identity open")?;
+        ensure!(
+            got.is_err() || got.as_ref().is_ok_and(Vec::is_empty),
+            "the wrong identity got an answer: {got:?}"
+        );
+    }
+    wait_log(
+        &sys,
+        "portal-nas",
+        "link peer is netport://portal/mallory, but netportd announced netport://portal/alice",
+        T,
+    )
+    .await?;
+    Ok(())
+}
