@@ -10,6 +10,17 @@ use serde::{Deserialize, Serialize};
 /// The protocol version this crate speaks.
 pub const VERSION: u16 = 1;
 
+/// A word in a portal's `Hello.software` saying it runs links over QUIC: netportd offers a
+/// relay UDP pair (`quic` in `LinkOffer` / `LinkIncoming`) only when both portals of a link
+/// say so. It rides the free-text field because a new field would be refused by servers
+/// that predate it, and a server that predates it never sends `quic` to anyone.
+pub const QUIC_CAPABILITY: &str = "+quic";
+
+/// Whether a `Hello.software` string announces [`QUIC_CAPABILITY`].
+pub fn announces_quic(software: &str) -> bool {
+    software.split_whitespace().any(|w| w == QUIC_CAPABILITY)
+}
+
 /// Which side a peer is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -559,6 +570,13 @@ mod tests {
             Message::from_body(br#"{"type":"heartbeat","seq":1}"#),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn the_quic_capability_is_a_whole_word() {
+        assert!(announces_quic("portal/0.1.0 +quic"));
+        assert!(!announces_quic("portal/0.1.0"));
+        assert!(!announces_quic("portal/0.1.0+quicker"));
     }
 
     #[test]

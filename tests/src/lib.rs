@@ -765,6 +765,15 @@ pub async fn echo_service() -> Result<SocketAddr> {
 
 /// A control connection made by hand with `creds`: TLS, then hello as a portal.
 pub async fn portal_session(creds: &Credentials, server: SocketAddr) -> Result<ControlClient> {
+    portal_session_as(creds, server, "test").await
+}
+
+/// [`portal_session`] with the hello's `software` (say `"test +quic"` to be offered QUIC).
+pub async fn portal_session_as(
+    creds: &Credentials,
+    server: SocketAddr,
+    software: &str,
+) -> Result<ControlClient> {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(creds.control_client()?));
     let tcp = tokio::net::TcpStream::connect(server).await?;
     let name = tokio_rustls::rustls::pki_types::ServerName::from(server.ip());
@@ -772,7 +781,7 @@ pub async fn portal_session(creds: &Credentials, server: SocketAddr) -> Result<C
     c.send(&Message::Hello {
         role: netport_proto::control::PeerRole::Portal,
         versions: vec![netport_proto::control::VERSION],
-        software: "test".into(),
+        software: software.into(),
     })
     .await?;
     Ok(c)

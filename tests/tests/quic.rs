@@ -251,7 +251,7 @@ async fn a_valid_certificate_with_the_wrong_identity_is_refused_on_a_quic_link()
     let mallory = sys
         .pki
         .credentials(&sys.pki.issue(Role::Portal, "mallory")?)?;
-    let mut c = netport_e2e::portal_session(&alice, sys.server_addr).await?;
+    let mut c = netport_e2e::portal_session_as(&alice, sys.server_addr, "test +quic").await?;
     c.send(&Message::OpenLink {
         request_id: 1,
         access: "alice-echo".into(),
@@ -317,5 +317,44 @@ async fn a_valid_certificate_with_the_wrong_identity_is_refused_on_a_quic_link()
         T,
     )
     .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portal_without_quic_is_offered_no_udp_pair() -> Result<()> {
+    use netport_proto::control::Message;
+    use netport_proto::identity::Role;
+
+    let tcp = echo_service().await?;
+    let udp = udp_echo().await?;
+    let (port, _) = netport_e2e::free_port_range(2)?;
+    let sys = System::start_quic(&policy(tcp, udp, port), &["nas"])?;
+    sys.wait_ready().await?;
+    let alice = sys
+        .pki
+        .credentials(&sys.pki.issue(Role::Portal, "alice")?)?;
+    // A portal that does not announce QUIC (quic = "off", or one that predates it).
+    let mut c = netport_e2e::portal_session_as(&alice, sys.server_addr, "portal/0.0.9").await?;
+    c.send(&Message::OpenLink {
+        request_id: 1,
+        access: "alice-echo".into(),
+    })
+    .await?;
+    loop {
+        match c.recv(T).await? {
+            Message::LinkOffer { quic, .. } => {
+                ensure!(quic.is_none(), "offered a QUIC path: {quic:?}");
+                break;
+            }
+            Message::LinkDenied { message, .. } => anyhow::bail!("denied: {message}"),
+            _ => {}
+        }
+    }
+    wait_log(&sys, "netportd", "quic=false", T).await?;
+    let relay = sys.log("relayd");
+    ensure!(
+        !relay.contains("transport=Udp"),
+        "the relay allocated a UDP pair:\n{relay}"
+    );
     Ok(())
 }

@@ -245,6 +245,7 @@ async fn session(
         connected_at: netport_common::admin::unix_now(),
         legacy: Some(me),
         speaks_legacy: true,
+        quic: false,
     };
     if let Some(old) = lock(&server.portals).insert(name.clone(), handle) {
         old.cancel.cancel();

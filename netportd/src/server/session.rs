@@ -194,7 +194,12 @@ pub async fn handle(
     };
     let hello = reader.next(Duration::from_secs(10)).await?;
     drop(unauthenticated);
-    let Some(Message::Hello { role, versions, .. }) = hello else {
+    let Some(Message::Hello {
+        role,
+        versions,
+        software,
+    }) = hello
+    else {
         return Err(refuse("protocol", "the first message must be hello".into()));
     };
     if !versions.contains(&VERSION) {
@@ -235,7 +240,8 @@ pub async fn handle(
                     ),
                 ));
             }
-            portal_session(server, identity.name.clone(), info, reader, tx, peer).await
+            let quic = netport_proto::control::announces_quic(&software);
+            portal_session(server, identity.name.clone(), info, reader, tx, peer, quic).await
         }
         (PeerRole::Relay, Role::Relay) => {
             if policy.relay(&identity.name).is_none() {
@@ -294,6 +300,7 @@ async fn portal_session(
     mut reader: Reader,
     tx: mpsc::UnboundedSender<Message>,
     peer: SocketAddr,
+    quic: bool,
 ) -> Result<()> {
     let conn = server.id();
     let policy = server.policy();
@@ -314,6 +321,7 @@ async fn portal_session(
         connected_at: netport_common::admin::unix_now(),
         legacy: netport_proto::tls::legacy::legacy_names(&info).next(),
         speaks_legacy: false,
+        quic,
     };
     if let Some(old) = lock(&server.portals).insert(name.clone(), handle) {
         // A portal reconnecting replaces its old session.
@@ -574,9 +582,19 @@ async fn open_link(
         address: relay.address.clone(),
         port,
     };
-    // A UDP pair on the same relay, so the portals can run the link over QUIC; without one
-    // they use the TCP pair alone.
-    let quic = allocate_udp(server, &relay_name, &relay_tx, ttl).await;
+    // A UDP pair on the same relay, so the portals can run the link over QUIC, when both
+    // run links over QUIC; without one they use the TCP pair alone.
+    let both_quic = {
+        let portals = lock(&server.portals);
+        [client, serving.as_str()]
+            .iter()
+            .all(|p| portals.get(*p).is_some_and(|h| h.quic))
+    };
+    let quic = if both_quic {
+        allocate_udp(server, &relay_name, &relay_tx, ttl).await
+    } else {
+        None
+    };
     let expires_in_ms = ttl.as_millis() as u64;
     lock(&server.links).insert(
         alloc_id,
