@@ -117,7 +117,14 @@ pub struct Links {
     client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<ClientLink>>>>>,
     /// The links this portal serves, by link id.
     pub(crate) served: Mutex<HashMap<u64, Served>>,
+    /// When a QUIC attempt through a relay to a peer last failed (`relay/peer`): the next
+    /// links there go straight to TCP for [`QUIC_RETRY_AFTER`] rather than wait for the
+    /// attempt to time out again.
+    quic_failed: Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How long a failed QUIC attempt sends the links through that relay to that peer over TCP.
+const QUIC_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 impl Links {
     /// New grants for a served link: streams to services no longer granted are closed.
@@ -410,18 +417,30 @@ async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Client
     }
     let expected = Identity::new(Role::Portal, peer.clone())?;
     let quic = quic.filter(|_| portal.config.quic == QuicMode::Auto);
-    if let Some(path) = quic {
-        let budget = portal.config.quic_timeout;
-        match crate::quic::connect(portal, &relay, &path, expected.clone(), budget).await {
-            Ok(conn) => {
-                let link = quic_client_link(portal, link_id, peer, &relay, conn);
-                *guard = Some(link.clone());
-                return Ok(link);
-            }
-            Err(e) => {
-                tracing::info!(link_id, %peer, relay = %relay.relay, "QUIC link failed, falling back to TCP: {e:#}");
+    let route = format!("{}/{peer}", relay.relay);
+    let failed = lock(&portal.links.quic_failed)
+        .get(&route)
+        .is_some_and(|t| t.elapsed() < QUIC_RETRY_AFTER);
+    match quic {
+        Some(_) if failed => {
+            tracing::info!(link_id, %peer, relay = %relay.relay, "QUIC failed on this route lately: using TCP");
+        }
+        Some(path) => {
+            let budget = portal.config.quic_timeout;
+            match crate::quic::connect(portal, &relay, &path, expected.clone(), budget).await {
+                Ok(conn) => {
+                    lock(&portal.links.quic_failed).remove(&route);
+                    let link = quic_client_link(portal, link_id, peer, &relay, conn);
+                    *guard = Some(link.clone());
+                    return Ok(link);
+                }
+                Err(e) => {
+                    lock(&portal.links.quic_failed).insert(route, std::time::Instant::now());
+                    tracing::info!(link_id, %peer, relay = %relay.relay, "QUIC link failed, falling back to TCP: {e:#}");
+                }
             }
         }
+        None => {}
     }
     let tcp = meet(&relay, &token, within).await?;
     let tls = portal.config.credentials.link_client(expected)?;

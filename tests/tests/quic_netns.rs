@@ -187,7 +187,7 @@ async fn deploy(topo: Topology, fast_path: &str) -> Result<Deployment> {
             dir.join(&file),
             format!(
                 "servers = [\"{server}:{CONTROL_PORT}\"]\nserver_name = \"localhost\"\n\
-                 quic = \"auto\"\nadmin_listen = \"{ADMIN}\"\n{}",
+                 quic = \"auto\"\nadmin_listen = \"{ADMIN}\"\nlink_idle_secs = 2\nudp_idle_secs = 2\n{}",
                 tls(Role::Portal, name)?
             ),
         )?;
@@ -459,5 +459,25 @@ async fn udp_blocked_in_a_peer_namespace_falls_back_to_the_tcp_link() -> Result<
         .x
         .exec("nft", &["list", "table", "inet", "npblock"])?;
     println!("{dropped}");
+
+    // Once that link idles out, the next one goes to TCP at once: the client remembers that
+    // QUIC failed on this route.
+    wait_log(&dep, "portal-alice", "closing the link: idle", T).await?;
+    tcp_round(&dep).await.with_context(|| dep.logs())?;
+    wait_log(
+        &dep,
+        "portal-alice",
+        "QUIC failed on this route lately: using TCP",
+        T,
+    )
+    .await?;
+    let fallbacks = dep
+        .log("portal-alice")
+        .matches("falling back to TCP")
+        .count();
+    ensure!(
+        fallbacks == 1,
+        "{fallbacks} QUIC attempts timed out, expected 1"
+    );
     Ok(())
 }
