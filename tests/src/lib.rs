@@ -447,7 +447,12 @@ impl System {
         layout: Layout,
         quic: bool,
     ) -> Result<System> {
-        let quic = if quic { "auto" } else { "off" };
+        // A generous QUIC budget: a busy machine must not turn a QUIC test into a fallback.
+        let quic = if quic {
+            "quic = \"auto\"\nquic_timeout_ms = 10000\n"
+        } else {
+            "quic = \"off\"\n"
+        };
         let dir = pki.dir.path().to_path_buf();
         let policy_dir = dir.join("policy");
         let mut ranges = Vec::new();
@@ -530,7 +535,7 @@ impl System {
                 &cfg,
                 // Short idle timeout, so tests can watch idle links close.
                 format!(
-                    "servers = [\"{server_addr}\"]\nlink_idle_secs = 3\nshutdown_grace_secs = 20\nquic = \"{quic}\"\n{}{}",
+                    "servers = [\"{server_addr}\"]\nlink_idle_secs = 3\nshutdown_grace_secs = 20\n{quic}{}{}",
                     admin_for(&format!("portal-{name}"))?,
                     tls(&cert)
                 ),
