@@ -99,7 +99,11 @@ async fn meet(
         while let Ok(r) =
             tokio::time::timeout_at(step.min(deadline), sock.recv_from(&mut buf)).await
         {
-            let Ok((n, from)) = r else { continue };
+            let Ok((n, from)) = r else {
+                // An error report about an earlier datagram: wait out the step, then resend.
+                tokio::time::sleep_until(step.min(deadline)).await;
+                break;
+            };
             if from != addr {
                 continue;
             }
