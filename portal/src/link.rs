@@ -1,4 +1,7 @@
-//! Links between portals: through a relay, TLS end to end, many streams multiplexed.
+//! Links between portals: through a relay, TLS end to end, many streams multiplexed: QUIC
+//! through the relay's UDP pair when netportd offers one and it gets through (see `quic`),
+//! else yamux over TLS over its TCP pair. The client portal chooses; the serving portal
+//! waits on both.
 //!
 //! Stream header (client → serving portal, first bytes of each stream): a u16 big-endian
 //! length and the service name. Answer: one byte, [`OPEN_OK`] or a refusal code, then (for a
