@@ -37,8 +37,31 @@ pub struct PortalToml {
     /// connection beyond it, and the link goes on (default 1024, at most 16384).
     #[serde(default = "default_max_streams")]
     pub max_streams_per_link: usize,
+    /// Links over QUIC through a relay UDP pair: `auto` (default) tries QUIC first and falls
+    /// back to the TCP pair; `off` uses TCP only (as a serving portal too).
+    #[serde(default)]
+    pub quic: QuicMode,
+    /// Milliseconds a client portal gives the QUIC attempt (relay hello and handshake)
+    /// before it falls back to TCP (default 3000).
+    #[serde(default = "default_quic_timeout")]
+    pub quic_timeout_ms: u64,
     /// Certificates.
     pub tls: netport_common::TlsToml,
+}
+
+/// Whether links may run over QUIC.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuicMode {
+    /// QUIC when the relay's UDP pair works, else TCP.
+    #[default]
+    Auto,
+    /// TCP links only.
+    Off,
+}
+
+fn default_quic_timeout() -> u64 {
+    3000
 }
 
 fn default_idle() -> u64 {
@@ -94,6 +117,10 @@ pub struct Config {
     pub admin_listen: Option<std::net::SocketAddr>,
     /// How long a shutdown waits for open connections.
     pub shutdown_grace: std::time::Duration,
+    /// Links over QUIC.
+    pub quic: QuicMode,
+    /// The client's QUIC attempt before it falls back to TCP.
+    pub quic_timeout: std::time::Duration,
 }
 
 impl Config {
@@ -128,6 +155,12 @@ impl Config {
                 raw.max_streams_per_link
             );
         }
+        if !(100..=60_000).contains(&raw.quic_timeout_ms) {
+            bail!(
+                "`quic_timeout_ms` = {} must be between 100 and 60000",
+                raw.quic_timeout_ms
+            );
+        }
         Ok(Config {
             servers,
             max_streams_per_link: raw.max_streams_per_link,
@@ -139,6 +172,8 @@ impl Config {
             credentials,
             admin_listen: raw.admin_listen,
             shutdown_grace: std::time::Duration::from_secs(raw.shutdown_grace_secs),
+            quic: raw.quic,
+            quic_timeout: std::time::Duration::from_millis(raw.quic_timeout_ms),
         })
     }
 }

@@ -55,7 +55,14 @@ async fn session(
     wr.write_all(&encode_message(&Message::Hello {
         role: PeerRole::Portal,
         versions: vec![VERSION],
-        software: concat!("portal/", env!("CARGO_PKG_VERSION")).into(),
+        software: match portal.config.quic {
+            crate::config::QuicMode::Auto => format!(
+                "portal/{} {}",
+                env!("CARGO_PKG_VERSION"),
+                netport_proto::control::QUIC_CAPABILITY
+            ),
+            crate::config::QuicMode::Off => concat!("portal/", env!("CARGO_PKG_VERSION")).into(),
+        },
     }))
     .await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
@@ -104,10 +111,10 @@ async fn session(
                                 }
                             });
                         }
-                        Message::LinkIncoming { link_id, peer, relay, token, grants, .. } => {
+                        Message::LinkIncoming { link_id, peer, relay, token, grants, quic, .. } => {
                             let portal = portal.clone();
                             tokio::spawn(async move {
-                                if let Err(e) = crate::link::serve_incoming(portal, link_id, peer.clone(), relay, token, grants).await {
+                                if let Err(e) = crate::link::serve_incoming(portal, link_id, peer.clone(), relay, token, grants, quic).await {
                                     tracing::warn!(link_id, %peer, "incoming link failed: {e:#}");
                                 }
                             });

@@ -76,7 +76,9 @@ mod tests {
         writer.await.expect("duplex");
         assert_eq!(got, up, "client to service");
         // The client's write side is shut; the other direction still carries.
-        sw.write_all(b"reply after the client's FIN").await.expect("duplex");
+        sw.write_all(b"reply after the client's FIN")
+            .await
+            .expect("duplex");
         sw.shutdown().await.expect("duplex");
         let mut back = Vec::new();
         cr.read_to_end(&mut back).await.expect("duplex");

@@ -15,6 +15,7 @@ mod link;
 mod listeners;
 pub mod mux;
 mod observe;
+mod quic;
 mod udp;
 
 use std::collections::HashMap;

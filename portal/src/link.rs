@@ -1,4 +1,7 @@
-//! Links between portals: through a relay, TLS end to end, many streams multiplexed.
+//! Links between portals: through a relay, TLS end to end, many streams multiplexed: QUIC
+//! through the relay's UDP pair when netportd offers one and it gets through (see `quic`),
+//! else yamux over TLS over its TCP pair. The client portal chooses; the serving portal
+//! waits on both.
 //!
 //! Stream header (client → serving portal, first bytes of each stream): a u16 big-endian
 //! length and the service name. Answer: one byte, [`OPEN_OK`] or a refusal code, then (for a
@@ -10,15 +13,19 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use netport_proto::control::{LinkGrant, ListenerSpec, Message, RelayEndpoint, Transport};
+use netport_proto::control::{
+    LinkGrant, ListenerSpec, Message, QuicPath, RelayEndpoint, Transport,
+};
 use netport_proto::identity::{Identity, Role};
 use netport_proto::relay::{self, READY};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 
-use crate::mux::{self, MuxStream, Opener};
+use crate::config::QuicMode;
+use crate::mux::{self, LinkStream, Opener};
 use crate::observe::Side;
+use crate::quic::{FlowDatagrams, QuicLink};
 use crate::{Portal, lock};
 use tokio_util::sync::CancellationToken;
 
@@ -26,10 +33,12 @@ pub(crate) const OPEN_OK: u8 = 0;
 const OPEN_NOT_GRANTED: u8 = 1;
 pub(crate) const OPEN_DIAL_FAILED: u8 = 2;
 
-/// How a client link opens streams: yamux to a Rust portal, V0.1 channels to a legacy one.
+/// How a client link opens streams: yamux over TLS over TCP or QUIC streams to a Rust
+/// portal, V0.1 channels to a legacy one.
 #[derive(Clone, Debug)]
 enum LinkOpener {
     Native(Opener),
+    Quic(crate::quic::QuicLink),
     Legacy(crate::legacy::Opener),
 }
 
@@ -37,6 +46,7 @@ impl LinkOpener {
     fn close(&self) {
         match self {
             LinkOpener::Native(o) => o.close(),
+            LinkOpener::Quic(q) => q.conn.close(quinn::VarInt::from_u32(0), b"closed"),
             LinkOpener::Legacy(o) => o.close(),
         }
     }
@@ -44,7 +54,18 @@ impl LinkOpener {
     fn is_closed(&self) -> bool {
         match self {
             LinkOpener::Native(o) => o.is_closed(),
+            LinkOpener::Quic(q) => q.conn.close_reason().is_some(),
             LinkOpener::Legacy(o) => o.is_closed(),
+        }
+    }
+
+    /// A new stream on a native (yamux or QUIC) link; for a UDP flow (`flow`) on a QUIC
+    /// link, its datagrams too.
+    async fn open(&self, flow: bool) -> Result<(LinkStream, Option<FlowDatagrams>)> {
+        match self {
+            LinkOpener::Native(o) => Ok((Box::new(o.open().await?), None)),
+            LinkOpener::Quic(q) => q.open(flow).await,
+            LinkOpener::Legacy(_) => bail!("internal: a native stream on a legacy link"),
         }
     }
 }
@@ -95,7 +116,14 @@ pub struct Links {
     client: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<ClientLink>>>>>,
     /// The links this portal serves, by link id.
     pub(crate) served: Mutex<HashMap<u64, Served>>,
+    /// When a QUIC attempt through a relay to a peer last failed (`relay/peer`): the next
+    /// links there go straight to TCP for [`QUIC_RETRY_AFTER`] rather than wait for the
+    /// attempt to time out again.
+    quic_failed: Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How long a failed QUIC attempt sends the links through that relay to that peer over TCP.
+const QUIC_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 impl Links {
     /// New grants for a served link: streams to services no longer granted are closed.
@@ -179,6 +207,7 @@ pub async fn carry(
             stream,
             guard,
             link_id,
+            ..
         } => (stream, guard, link_id),
         Channel::Legacy { link, guard } => {
             let LinkOpener::Legacy(o) = &link.opener else {
@@ -213,7 +242,9 @@ pub async fn carry(
 pub(crate) enum Channel {
     /// A stream on a native link, accepted by the serving portal.
     Stream {
-        stream: MuxStream,
+        stream: LinkStream,
+        /// A UDP flow's datagrams, on a QUIC link.
+        datagrams: Option<FlowDatagrams>,
         /// Counts the stream as active on the link until dropped.
         guard: Active,
         link_id: u64,
@@ -228,6 +259,7 @@ pub(crate) enum Channel {
 /// link until the returned guard is dropped.
 pub(crate) async fn open_channel(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Channel> {
     let mut stream = None;
+    let mut datagrams = None;
     let mut guard = None;
     let mut link_id = 0;
     for _ in 0..2 {
@@ -240,18 +272,16 @@ pub(crate) async fn open_channel(portal: &Arc<Portal>, spec: &ListenerSpec) -> R
             tracing::warn!(peer = %spec.serving_portal, service = %spec.service, "refusing a connection: {e}");
             bail!("{e}");
         }
-        let opener = match &link.opener {
-            LinkOpener::Native(o) => o,
-            LinkOpener::Legacy(_) => {
-                return Ok(Channel::Legacy {
-                    link: link.clone(),
-                    guard: active,
-                });
-            }
-        };
-        match opener.open().await {
-            Ok(s) => {
+        if let LinkOpener::Legacy(_) = &link.opener {
+            return Ok(Channel::Legacy {
+                link: link.clone(),
+                guard: active,
+            });
+        }
+        match link.opener.open(spec.transport == Transport::Udp).await {
+            Ok((s, d)) => {
                 stream = Some(s);
+                datagrams = d;
                 guard = Some(active);
                 link_id = link.link_id;
                 break;
@@ -285,6 +315,7 @@ pub(crate) async fn open_channel(portal: &Arc<Portal>, spec: &ListenerSpec) -> R
     }
     Ok(Channel::Stream {
         stream,
+        datagrams,
         guard,
         link_id,
     })
@@ -327,7 +358,7 @@ async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Client
             Duration::from_secs(15),
         )
         .await?;
-    let (link_id, peer, relay, token, expires_in_ms, legacy) = match answer {
+    let (link_id, peer, relay, token, expires_in_ms, legacy, quic) = match answer {
         Message::LinkOffer {
             link_id,
             peer,
@@ -335,8 +366,9 @@ async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Client
             token,
             expires_in_ms,
             legacy,
+            quic,
             ..
-        } => (link_id, peer, relay, token, expires_in_ms, legacy),
+        } => (link_id, peer, relay, token, expires_in_ms, legacy, quic),
         Message::LinkDenied {
             reason,
             rule,
@@ -382,8 +414,34 @@ async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Client
         *guard = Some(link.clone());
         return Ok(link);
     }
-    let tcp = meet(&relay, &token, within).await?;
     let expected = Identity::new(Role::Portal, peer.clone())?;
+    let quic = quic.filter(|_| portal.config.quic == QuicMode::Auto);
+    let route = format!("{}/{peer}", relay.relay);
+    let failed = lock(&portal.links.quic_failed)
+        .get(&route)
+        .is_some_and(|t| t.elapsed() < QUIC_RETRY_AFTER);
+    match quic {
+        Some(_) if failed => {
+            tracing::info!(link_id, %peer, relay = %relay.relay, "QUIC failed on this route lately: using TCP");
+        }
+        Some(path) => {
+            let budget = portal.config.quic_timeout;
+            match crate::quic::connect(portal, &relay, &path, expected.clone(), budget).await {
+                Ok(conn) => {
+                    lock(&portal.links.quic_failed).remove(&route);
+                    let link = quic_client_link(portal, link_id, peer, &relay, conn);
+                    *guard = Some(link.clone());
+                    return Ok(link);
+                }
+                Err(e) => {
+                    lock(&portal.links.quic_failed).insert(route, std::time::Instant::now());
+                    tracing::info!(link_id, %peer, relay = %relay.relay, "QUIC link failed, falling back to TCP: {e:#}");
+                }
+            }
+        }
+        None => {}
+    }
+    let tcp = meet(&relay, &token, within).await?;
     let tls = portal.config.credentials.link_client(expected)?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
     let name = ServerName::try_from("link.netport.invalid").map_err(|e| anyhow!("{e}"))?;
@@ -397,13 +455,13 @@ async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Client
         })?;
     let dead = Arc::new(AtomicBool::new(false));
     let flag = dead.clone();
-    let up = portal.stats.link(Side::Client);
+    let up = portal.stats.link(Side::Client, "tcp");
     let opener = mux::client(tls, portal.config.max_streams_per_link, move |why| {
         drop(up);
         flag.store(true, Ordering::Relaxed);
-        tracing::info!(link_id, %peer, "link ended: {why}");
+        tracing::info!(link_id, %peer, link_transport = %"tcp", "link ended: {why}");
     });
-    tracing::info!(link_id, peer = %spec.serving_portal, relay = %relay.relay, "link up");
+    tracing::info!(link_id, peer = %spec.serving_portal, relay = %relay.relay, link_transport = %"tcp", "link up");
     let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     watch_idle(
         link_id,
@@ -420,6 +478,45 @@ async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Client
     };
     *guard = Some(link.clone());
     Ok(link)
+}
+
+/// A client link over an established QUIC connection.
+fn quic_client_link(
+    portal: &Arc<Portal>,
+    link_id: u64,
+    peer: String,
+    relay: &RelayEndpoint,
+    conn: quinn::Connection,
+) -> ClientLink {
+    let dead = Arc::new(AtomicBool::new(false));
+    let up = portal.stats.link(Side::Client, "quic");
+    tracing::info!(link_id, %peer, relay = %relay.relay, link_transport = %"quic", "link up");
+    let (c, flag, p) = (conn.clone(), dead.clone(), portal.clone());
+    tokio::spawn(async move {
+        let why = c.closed().await;
+        drop(up);
+        flag.store(true, Ordering::Relaxed);
+        tracing::info!(link_id, %peer, link_transport = %"quic", "link ended: {why}");
+        // Unlike a TCP pair, the relay's UDP pair cannot see the link end.
+        p.tell_server(Message::LinkClosed {
+            link_id,
+            reason: why.to_string(),
+        });
+    });
+    let link = ClientLink {
+        link_id,
+        opener: LinkOpener::Quic(QuicLink::new(conn)),
+        dead,
+        active: Arc::default(),
+    };
+    watch_idle(
+        link_id,
+        link.opener.clone(),
+        link.active.clone(),
+        link.dead.clone(),
+        portal.config.link_idle,
+    );
+    link
 }
 
 /// Closes a client link that has carried no stream for `idle`.
@@ -450,7 +547,12 @@ fn watch_idle(
     });
 }
 
-/// The serving side of a link announced by netportd.
+/// How long the serving portal waits for the client portal at the relay, per transport.
+const SERVE_WAIT: Duration = Duration::from_secs(15);
+
+/// The serving side of a link announced by netportd: it waits for the client portal on the
+/// relay's TCP port and, when netportd gave one and `quic` is not off, on its UDP port too,
+/// and serves whichever the client portal uses (the client decides; the other times out).
 pub async fn serve_incoming(
     portal: Arc<Portal>,
     link_id: u64,
@@ -458,43 +560,66 @@ pub async fn serve_incoming(
     relay: RelayEndpoint,
     token: String,
     grants: Vec<LinkGrant>,
+    quic: Option<QuicPath>,
 ) -> Result<()> {
-    let tcp = meet(&relay, &token, Duration::from_secs(15)).await?;
-    let tls = portal.config.credentials.link_server()?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
-        .await
-        .context("link TLS handshake timed out")?
-        .context("link TLS handshake")?;
-    let info = netport_proto::tls::peer_info(tls.get_ref().1.peer_certificates())?;
     let expected = Identity::new(Role::Portal, peer.clone())?;
-    if info.identity()? != &expected {
-        bail!(
-            "link peer is {}, but netportd announced {expected}: closing",
-            info.identity()?
-        );
-    }
+    let quic = quic.filter(|_| portal.config.quic == QuicMode::Auto);
     let grants = Arc::new(RwLock::new(grants));
     let streams: OpenStreams = Arc::default();
-    let g = grants.clone();
-    let st = streams.clone();
-    let p = portal.clone();
-    let udp = portal.config.udp;
+    let (g, st, p) = (grants.clone(), streams.clone(), portal.clone());
     let task = tokio::spawn(async move {
-        let _up = p.stats.link(Side::Serving);
-        let why = mux::server(tls, |stream| {
-            let grants = g.clone();
-            let streams = st.clone();
-            let peer = peer.clone();
-            let p = p.clone();
+        let spawn_stream = |stream: LinkStream, datagrams: Option<FlowDatagrams>| {
+            let (grants, streams, peer, p) = (g.clone(), st.clone(), peer.clone(), p.clone());
             tokio::spawn(async move {
-                if let Err(e) = serve_stream(&p, stream, grants, streams, &peer, udp).await {
+                let open = Open {
+                    grants,
+                    streams,
+                    peer: &peer,
+                };
+                if let Err(e) = serve_stream(&p, stream, datagrams, open).await {
                     tracing::warn!(%peer, "stream refused: {e:#}");
                 }
             });
-        })
-        .await;
-        tracing::info!(link_id, "served link ended: {why}");
+        };
+        let over_tcp = async {
+            let tls = accept_tcp(&p, &relay, &token, &expected).await?;
+            let _up = p.stats.link(Side::Serving, "tcp");
+            tracing::info!(link_id, relay = %relay.relay, link_transport = %"tcp", "serving link up");
+            anyhow::Ok(mux::server(tls, |s| spawn_stream(Box::new(s), None)).await)
+        };
+        let over_quic = async {
+            let Some(path) = &quic else {
+                return Ok(None);
+            };
+            let conn = crate::quic::accept(&p, &relay, path, &expected, SERVE_WAIT).await?;
+            // However this ends (netportd closing the link aborts the task), the peer hears.
+            let _close = crate::quic::CloseOnDrop(conn.clone());
+            let _up = p.stats.link(Side::Serving, "quic");
+            tracing::info!(link_id, relay = %relay.relay, link_transport = %"quic", "serving link up");
+            anyhow::Ok(Some(QuicLink::new(conn).serve(spawn_stream).await))
+        };
+        let (tcp, quic) = tokio::join!(over_tcp, over_quic);
+        match (tcp, quic) {
+            (Err(t), Err(q)) => {
+                tracing::warn!(link_id, %peer, "incoming link failed: over TCP: {t:#}; over QUIC: {q:#}")
+            }
+            (Err(t), Ok(None)) => tracing::warn!(link_id, %peer, "incoming link failed: {t:#}"),
+            (Ok(why), q) => {
+                if let Err(q) = q {
+                    tracing::debug!(link_id, "QUIC path unused: {q:#}");
+                }
+                tracing::info!(link_id, link_transport = %"tcp", "served link ended: {why}");
+            }
+            (Err(t), Ok(Some(why))) => {
+                tracing::debug!(link_id, "TCP path unused: {t:#}");
+                tracing::info!(link_id, link_transport = %"quic", "served link ended: {why}");
+                p.tell_server(Message::LinkClosed {
+                    link_id,
+                    reason: why,
+                });
+            }
+        }
+        lock(&p.links.served).remove(&link_id);
     });
     lock(&portal.links.served).insert(
         link_id,
@@ -504,18 +629,52 @@ pub async fn serve_incoming(
             task: task.abort_handle(),
         },
     );
-    tracing::info!(link_id, relay = %relay.relay, "serving link up");
     Ok(())
+}
+
+/// Meets the client portal on the relay's TCP port and runs the link's TLS handshake; the
+/// peer must be exactly `expected`.
+async fn accept_tcp(
+    portal: &Portal,
+    relay: &RelayEndpoint,
+    token: &str,
+    expected: &Identity,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    let tcp = meet(relay, token, SERVE_WAIT).await?;
+    let tls = portal.config.credentials.link_server()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+        .await
+        .context("link TLS handshake timed out")?
+        .context("link TLS handshake")?;
+    let info = netport_proto::tls::peer_info(tls.get_ref().1.peer_certificates())?;
+    if info.identity()? != expected {
+        bail!(
+            "link peer is {}, but netportd announced {expected}: closing",
+            info.identity()?
+        );
+    }
+    Ok(tls)
+}
+
+/// What a served stream may open, and where it registers.
+struct Open<'a> {
+    grants: SharedGrants,
+    streams: OpenStreams,
+    peer: &'a str,
 }
 
 async fn serve_stream(
     portal: &Portal,
-    mut stream: MuxStream,
-    grants: SharedGrants,
-    streams: OpenStreams,
-    peer: &str,
-    config: crate::config::UdpConfig,
+    mut stream: LinkStream,
+    datagrams: Option<FlowDatagrams>,
+    open: Open<'_>,
 ) -> Result<()> {
+    let Open {
+        grants,
+        streams,
+        peer,
+    } = open;
     let service = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut stream))
         .await
         .context("no stream header")??;
@@ -535,8 +694,15 @@ async fn serve_stream(
         bail!("`{peer}` asked for `{service}`, which this link does not grant");
     };
     if transport == Transport::Udp {
-        return crate::udp::serve(stream, streams, service, &target, config).await;
+        let flow = crate::udp::Flow {
+            stream,
+            datagrams,
+            stats: &portal.stats,
+        };
+        return crate::udp::serve(flow, streams, service, &target, portal.config.udp).await;
     }
+    // A TCP channel takes no datagrams.
+    drop(datagrams);
     let mut tcp =
         match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&target)).await {
             Ok(Ok(t)) => t,

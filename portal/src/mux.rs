@@ -20,6 +20,14 @@ use crate::config::MAX_STREAMS_PER_LINK;
 /// One multiplexed stream.
 pub type MuxStream = Compat<yamux::Stream>;
 
+/// What a link stream is, over either transport: bytes both ways.
+pub trait LinkIo: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> LinkIo for T {}
+
+/// One stream of a link: a yamux stream on a TCP link, a QUIC stream on a QUIC link.
+pub type LinkStream = Box<dyn LinkIo>;
+
 type OpenReply = oneshot::Sender<Result<MuxStream>>;
 
 /// What the rest of the portal asks of a client link's driver.
@@ -48,7 +56,7 @@ fn client_limit(max: usize) -> usize {
 
 /// The serving side's yamux limit: the largest client limit any client portal may use, so a
 /// client with a higher `max_streams_per_link` than this portal's never cuts the link.
-const SERVER_LIMIT: usize = MAX_STREAMS_PER_LINK + MAX_STREAMS_PER_LINK / 4;
+pub(crate) const SERVER_LIMIT: usize = MAX_STREAMS_PER_LINK + MAX_STREAMS_PER_LINK / 4;
 
 #[cfg(test)]
 mod tests {

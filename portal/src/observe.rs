@@ -20,6 +20,19 @@ struct SideLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabel {
+    side: String,
+    /// `quic` or `tcp`: what the link runs over.
+    transport: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CarrierLabel {
+    /// `quic_datagram` or `stream`.
+    carrier: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BytesLabel {
     side: String,
     /// `to_service` or `from_service`.
@@ -36,6 +49,8 @@ struct ReasonLabel {
 pub struct Stats {
     metrics: Metrics,
     links: Family<SideLabel, Gauge>,
+    link_transports: Family<TransportLabel, Gauge>,
+    udp_carried: Family<CarrierLabel, Counter>,
     streams: Family<SideLabel, Gauge>,
     streams_opened: Family<SideLabel, Counter>,
     bytes: Family<BytesLabel, Counter>,
@@ -84,6 +99,18 @@ impl Stats {
         let r = &mut metrics.registry;
         let links = Family::<SideLabel, Gauge>::default();
         r.register("links", "Links up, by side", links.clone());
+        let link_transports = Family::<TransportLabel, Gauge>::default();
+        r.register(
+            "link_transports",
+            "Links up, by side and transport (quic or tcp)",
+            link_transports.clone(),
+        );
+        let udp_carried = Family::<CarrierLabel, Counter>::default();
+        r.register(
+            "udp_link_datagrams",
+            "UDP datagrams sent onto links, by carrier: quic_datagram (one QUIC datagram each) or stream (framed on the flow's stream)",
+            udp_carried.clone(),
+        );
         let streams = Family::<SideLabel, Gauge>::default();
         r.register(
             "streams",
@@ -117,6 +144,8 @@ impl Stats {
         Self {
             metrics,
             links,
+            link_transports,
+            udp_carried,
             streams,
             streams_opened,
             bytes,
@@ -145,11 +174,33 @@ impl Stats {
         }
     }
 
-    /// Counts a link up until the guard drops.
-    pub(crate) fn link(&self, side: Side) -> StreamGuard {
+    /// Counts a link up, by side and by transport (`quic` or `tcp`), until the guards drop.
+    pub(crate) fn link(&self, side: Side, transport: &str) -> [StreamGuard; 2] {
         let gauge = self.links.get_or_create(&side.label()).clone();
         gauge.inc();
-        StreamGuard { gauge }
+        let by_transport = self
+            .link_transports
+            .get_or_create(&TransportLabel {
+                side: side.label().side,
+                transport: transport.into(),
+            })
+            .clone();
+        by_transport.inc();
+        [
+            StreamGuard { gauge },
+            StreamGuard {
+                gauge: by_transport,
+            },
+        ]
+    }
+
+    /// The counters of UDP datagrams sent onto links: as QUIC datagrams, on streams.
+    pub(crate) fn udp_carriers(&self) -> [Counter; 2] {
+        ["quic_datagram", "stream"].map(|c| {
+            self.udp_carried
+                .get_or_create(&CarrierLabel { carrier: c.into() })
+                .clone()
+        })
     }
 
     pub(crate) fn denied(&self, reason: &str) {

@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::UdpConfig;
 use crate::link::{OPEN_DIAL_FAILED, OPEN_OK, OpenStreams, refuse};
-use crate::mux::MuxStream;
+use crate::mux::LinkStream;
+use crate::quic::FlowDatagrams;
 use crate::{Portal, lock};
 
 /// Receive buffer: one more byte than any UDP payload, so no datagram is ever cut.
@@ -224,6 +225,146 @@ pub async fn listen(portal: Arc<Portal>, spec: ListenerSpec) {
     }
 }
 
+/// A flow's way over the link: its stream, and on a QUIC link its datagrams.
+pub(crate) struct Flow<'a> {
+    pub(crate) stream: LinkStream,
+    pub(crate) datagrams: Option<FlowDatagrams>,
+    pub(crate) stats: &'a crate::observe::Stats,
+}
+
+/// Where a flow's datagrams toward the link come from.
+enum Input<'a> {
+    /// The client portal: the listener's queue for this client.
+    Queue(&'a mut mpsc::Receiver<Vec<u8>>),
+    /// The serving portal: the socket connected to the target.
+    Service {
+        sock: &'a UdpSocket,
+        target: &'a str,
+        max: usize,
+    },
+}
+
+impl Input<'_> {
+    /// The next datagram to carry over the link; `None` when the local end is done.
+    async fn recv(&mut self, buf: &mut [u8]) -> Result<Option<Vec<u8>>> {
+        match self {
+            Input::Queue(rx) => Ok(rx.recv().await),
+            Input::Service { sock, target, max } => loop {
+                let n = match sock.recv(buf).await {
+                    Ok(n) => n,
+                    Err(e) if is_transient(&e) => continue,
+                    Err(e) => return Err(e).context("receiving from the service"),
+                };
+                if n > *max {
+                    oversize(n, *max, "from the service", target);
+                    continue;
+                }
+                return Ok(Some(buf[..n].to_vec()));
+            },
+        }
+    }
+}
+
+/// Where datagrams that came over the link go.
+#[derive(Clone, Copy)]
+enum Output<'a> {
+    Client(&'a UdpSocket, SocketAddr),
+    Service(&'a UdpSocket),
+}
+
+impl Output<'_> {
+    async fn send(self, d: &[u8]) -> Result<()> {
+        let r = match self {
+            Output::Client(sock, client) => sock.send_to(d, client).await,
+            Output::Service(sock) => sock.send(d).await,
+        };
+        match r {
+            Err(e) if !is_transient(&e) => Err(e).context(match self {
+                Output::Client(..) => "sending to the client",
+                Output::Service(_) => "sending to the service",
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Delivers a datagram that came over the link, unless it is over the size limit.
+async fn deliver(
+    out: Output<'_>,
+    d: &[u8],
+    activity: &Activity,
+    config: UdpConfig,
+    peer: &str,
+) -> Result<()> {
+    activity.touch();
+    if d.len() > config.max_datagram {
+        oversize(d.len(), config.max_datagram, "from the link", peer);
+        return Ok(());
+    }
+    out.send(d).await
+}
+
+/// Carries a flow's datagrams over the link, both ways, until one way ends, `cancel` fires
+/// or nothing crossed for `config.idle`. Each datagram goes as a QUIC datagram when the flow
+/// has datagrams and it fits one, else framed on the flow's stream; both are taken in.
+async fn carry(
+    flow: Flow<'_>,
+    mut input: Input<'_>,
+    out: Output<'_>,
+    config: UdpConfig,
+    peer: &str,
+    cancel: &CancellationToken,
+) -> String {
+    let Flow {
+        stream,
+        datagrams,
+        stats,
+    } = flow;
+    let [as_datagram, as_frame] = stats.udp_carriers();
+    let (tx, mut rx) = match datagrams {
+        Some(d) => (Some(d.tx), Some(d.rx)),
+        None => (None, None),
+    };
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let activity = Activity::new();
+    let to_link = async {
+        let mut buf = vec![0u8; RECV_BUF];
+        while let Some(d) = input.recv(&mut buf).await? {
+            activity.touch();
+            if tx.as_ref().is_some_and(|t| t.send(&d)) {
+                as_datagram.inc();
+            } else {
+                write_frame(&mut wr, &d).await?;
+                as_frame.inc();
+            }
+        }
+        Ok(())
+    };
+    let from_stream = async {
+        let mut buf = vec![0u8; RECV_BUF];
+        while let Some(n) = read_frame(&mut rd, &mut buf).await? {
+            deliver(out, &buf[..n], &activity, config, peer).await?;
+        }
+        Ok(())
+    };
+    let from_datagrams = async {
+        if let Some(rx) = rx.as_mut() {
+            while let Some(d) = rx.recv().await {
+                deliver(out, &d, &activity, config, peer).await?;
+            }
+        }
+        // No datagrams, or the link is gone (its stream ends too): the stream decides.
+        std::future::pending().await
+    };
+    let from_link = async {
+        tokio::select! {
+            r = from_stream => r,
+            r = from_datagrams => r,
+        }
+    };
+    run_flow(to_link, from_link, &activity, config.idle, cancel).await
+}
+
 /// One client flow: a stream to the serving portal, datagrams both ways.
 async fn client_flow(
     portal: &Arc<Portal>,
@@ -232,44 +373,30 @@ async fn client_flow(
     client: SocketAddr,
     mut rx: mpsc::Receiver<Vec<u8>>,
 ) -> Result<String> {
-    let config = portal.config.udp;
-    let (stream, _active) = match crate::link::open_channel(portal, spec).await? {
-        crate::link::Channel::Stream { stream, guard, .. } => (stream, guard),
+    let (stream, datagrams, _active) = match crate::link::open_channel(portal, spec).await? {
+        crate::link::Channel::Stream {
+            stream,
+            datagrams,
+            guard,
+            ..
+        } => (stream, datagrams, guard),
         crate::link::Channel::Legacy { .. } => {
             anyhow::bail!("UDP services cannot ride a link to a legacy (V0.1) portal")
         }
     };
-    tracing::debug!(access = %spec.access, %client, "udp flow open");
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let activity = Activity::new();
-    let to_link = async {
-        while let Some(d) = rx.recv().await {
-            write_frame(&mut wr, &d).await?;
-            activity.touch();
-        }
-        Ok(())
+    tracing::debug!(access = %spec.access, %client, quic_datagrams = datagrams.is_some(), "udp flow open");
+    let flow = Flow {
+        stream,
+        datagrams,
+        stats: &portal.stats,
     };
-    let from_link = async {
-        let mut buf = vec![0u8; RECV_BUF];
-        while let Some(n) = read_frame(&mut rd, &mut buf).await? {
-            activity.touch();
-            if n > config.max_datagram {
-                oversize(n, config.max_datagram, "from the link", &client.to_string());
-                continue;
-            }
-            if let Err(e) = sock.send_to(&buf[..n], client).await
-                && !is_transient(&e)
-            {
-                return Err(e).context("sending to the client");
-            }
-        }
-        Ok(())
-    };
-    Ok(run_flow(
-        to_link,
-        from_link,
-        &activity,
-        config.idle,
+    let peer = client.to_string();
+    Ok(carry(
+        flow,
+        Input::Queue(&mut rx),
+        Output::Client(&sock, client),
+        portal.config.udp,
+        &peer,
         &CancellationToken::new(),
     )
     .await)
@@ -277,8 +404,8 @@ async fn client_flow(
 
 /// The serving side of a UDP flow: a socket connected to `target`, datagrams both ways,
 /// until the stream ends, the flow is idle, or the grant is withdrawn.
-pub async fn serve(
-    mut stream: MuxStream,
+pub(crate) async fn serve(
+    mut flow: Flow<'_>,
     streams: OpenStreams,
     service: String,
     target: &str,
@@ -288,7 +415,7 @@ pub async fn serve(
         Ok(s) => s,
         Err(e) => {
             refuse(
-                &mut stream,
+                &mut flow.stream,
                 OPEN_DIAL_FAILED,
                 &format!("cannot reach the service: {e:#}"),
             )
@@ -296,44 +423,15 @@ pub async fn serve(
             bail!("udp target {target} for `{service}`: {e:#}");
         }
     };
-    stream.write_all(&[OPEN_OK]).await?;
+    flow.stream.write_all(&[OPEN_OK]).await?;
     let cancel = CancellationToken::new();
     lock(&streams).push((service.clone(), cancel.clone()));
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let activity = Activity::new();
-    let to_link = async {
-        let mut buf = vec![0u8; RECV_BUF];
-        loop {
-            let n = match sock.recv(&mut buf).await {
-                Ok(n) => n,
-                Err(e) if is_transient(&e) => continue,
-                Err(e) => return Err(e).context("receiving from the service"),
-            };
-            activity.touch();
-            if n > config.max_datagram {
-                oversize(n, config.max_datagram, "from the service", target);
-                continue;
-            }
-            write_frame(&mut wr, &buf[..n]).await?;
-        }
+    let input = Input::Service {
+        sock: &sock,
+        target,
+        max: config.max_datagram,
     };
-    let from_link = async {
-        let mut buf = vec![0u8; RECV_BUF];
-        while let Some(n) = read_frame(&mut rd, &mut buf).await? {
-            activity.touch();
-            if n > config.max_datagram {
-                oversize(n, config.max_datagram, "from the link", target);
-                continue;
-            }
-            if let Err(e) = sock.send(&buf[..n]).await
-                && !is_transient(&e)
-            {
-                return Err(e).context("sending to the service");
-            }
-        }
-        Ok(())
-    };
-    let why = run_flow(to_link, from_link, &activity, config.idle, &cancel).await;
+    let why = carry(flow, input, Output::Service(&sock), config, target, &cancel).await;
     tracing::debug!(%service, %target, "udp flow ended: {why}");
     cancel.cancel();
     lock(&streams).retain(|(_, c)| !c.is_cancelled());

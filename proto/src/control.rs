@@ -10,6 +10,17 @@ use serde::{Deserialize, Serialize};
 /// The protocol version this crate speaks.
 pub const VERSION: u16 = 1;
 
+/// A word in a portal's `Hello.software` saying it runs links over QUIC: netportd offers a
+/// relay UDP pair (`quic` in `LinkOffer` / `LinkIncoming`) only when both portals of a link
+/// say so. It rides the free-text field because a new field would be refused by servers
+/// that predate it, and a server that predates it never sends `quic` to anyone.
+pub const QUIC_CAPABILITY: &str = "+quic";
+
+/// Whether a `Hello.software` string announces [`QUIC_CAPABILITY`].
+pub fn announces_quic(software: &str) -> bool {
+    software.split_whitespace().any(|w| w == QUIC_CAPABILITY)
+}
+
 /// Which side a peer is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -94,6 +105,19 @@ pub struct RelayEndpoint {
     pub port: u16,
 }
 
+/// A relay UDP port where a link may run over QUIC instead of the TCP pair: the relay's
+/// address is the [`RelayEndpoint`]'s, the hello is the same (`NPR1` + token) sent as a
+/// datagram. The client portal decides: it tries QUIC first and falls back to the TCP port;
+/// the serving portal waits on both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuicPath {
+    /// The UDP port to send the hello to.
+    pub port: u16,
+    /// Single-use token of the UDP allocation, hex.
+    pub token: String,
+}
+
 /// Every control message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -157,6 +181,10 @@ pub enum Message {
         /// Set when the peer is a legacy portal (absent on native links).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         legacy: Option<LegacyLink>,
+        /// A UDP port of the same relay for a link over QUIC (absent when the relay gave
+        /// none: the TCP port is the only way).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quic: Option<QuicPath>,
     },
     /// To the serving portal: a client portal will meet it at the relay.
     LinkIncoming {
@@ -175,6 +203,9 @@ pub enum Message {
         /// Set when the peer is a legacy portal (absent on native links).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         legacy: Option<LegacyLink>,
+        /// A UDP port of the same relay for a link over QUIC (see `LinkOffer`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quic: Option<QuicPath>,
     },
     /// To the client portal: the link request is refused.
     LinkDenied {
@@ -482,6 +513,7 @@ mod tests {
                     token_p: "0102030405060708".into(),
                     targets: vec![],
                 }),
+                quic: None,
             },
             Message::AllocateLegacy {
                 alloc_id: 4,
@@ -541,6 +573,13 @@ mod tests {
     }
 
     #[test]
+    fn the_quic_capability_is_a_whole_word() {
+        assert!(announces_quic("portal/0.1.0 +quic"));
+        assert!(!announces_quic("portal/0.1.0"));
+        assert!(!announces_quic("portal/0.1.0+quicker"));
+    }
+
+    #[test]
     fn native_link_messages_are_unchanged_on_the_wire() {
         let offer = Message::LinkOffer {
             request_id: 1,
@@ -554,10 +593,30 @@ mod tests {
             token: "00".into(),
             expires_in_ms: 1,
             legacy: None,
+            quic: None,
         };
         let body = String::from_utf8(offer.to_body()).expect("JSON is UTF-8");
         assert!(!body.contains("legacy"), "{body}");
-        assert_eq!(Message::from_body(body.as_bytes()), Ok(offer));
+        assert!(!body.contains("quic"), "{body}");
+        assert_eq!(Message::from_body(body.as_bytes()), Ok(offer.clone()));
+        let Message::LinkOffer { relay, .. } = offer else {
+            unreachable!()
+        };
+        let with_quic = Message::LinkOffer {
+            request_id: 1,
+            link_id: 2,
+            peer: "nas".into(),
+            relay,
+            token: "00".into(),
+            expires_in_ms: 1,
+            legacy: None,
+            quic: Some(QuicPath {
+                port: 40_001,
+                token: "11".into(),
+            }),
+        };
+        let body = with_quic.to_body();
+        assert_eq!(Message::from_body(&body), Ok(with_quic));
     }
 
     #[test]

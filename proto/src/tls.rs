@@ -23,6 +23,9 @@ pub mod legacy;
 
 /// ALPN of links between portals.
 pub const LINK_ALPN: &[u8] = b"netport-link/1";
+/// ALPN of links between portals over QUIC (same certificates and peer checks as
+/// [`LINK_ALPN`]; a distinct name so neither transport's handshake can be mistaken for the other's).
+pub const QUIC_LINK_ALPN: &[u8] = b"netport-quic/1";
 
 /// Building TLS settings failed.
 #[derive(Debug, thiserror::Error)]

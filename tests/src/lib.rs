@@ -420,6 +420,39 @@ impl System {
         relay_address: &str,
         layout: Layout,
     ) -> Result<System> {
+        Self::start_full(pki, policy, portals, relays, relay_address, layout, false)
+    }
+
+    /// Like [`System::start`], with links over QUIC (`quic = "auto"`, the product default)
+    /// where the other starters set `quic = "off"` (their tests watch the TCP link: relay
+    /// splices, descriptors, connection close).
+    pub fn start_quic(policy: &str, portals: &[&str]) -> Result<System> {
+        Self::start_full(
+            Pki::new()?,
+            policy,
+            portals,
+            1,
+            "127.0.0.1",
+            Layout::Plain,
+            true,
+        )
+    }
+
+    fn start_full(
+        pki: Pki,
+        policy: &str,
+        portals: &[&str],
+        relays: usize,
+        relay_address: &str,
+        layout: Layout,
+        quic: bool,
+    ) -> Result<System> {
+        // A generous QUIC budget: a busy machine must not turn a QUIC test into a fallback.
+        let quic = if quic {
+            "quic = \"auto\"\nquic_timeout_ms = 10000\n"
+        } else {
+            "quic = \"off\"\n"
+        };
         let dir = pki.dir.path().to_path_buf();
         let policy_dir = dir.join("policy");
         let mut ranges = Vec::new();
@@ -502,7 +535,7 @@ impl System {
                 &cfg,
                 // Short idle timeout, so tests can watch idle links close.
                 format!(
-                    "servers = [\"{server_addr}\"]\nlink_idle_secs = 3\nshutdown_grace_secs = 20\n{}{}",
+                    "servers = [\"{server_addr}\"]\nlink_idle_secs = 3\nshutdown_grace_secs = 20\n{quic}{}{}",
                     admin_for(&format!("portal-{name}"))?,
                     tls(&cert)
                 ),
@@ -737,6 +770,15 @@ pub async fn echo_service() -> Result<SocketAddr> {
 
 /// A control connection made by hand with `creds`: TLS, then hello as a portal.
 pub async fn portal_session(creds: &Credentials, server: SocketAddr) -> Result<ControlClient> {
+    portal_session_as(creds, server, "test").await
+}
+
+/// [`portal_session`] with the hello's `software` (say `"test +quic"` to be offered QUIC).
+pub async fn portal_session_as(
+    creds: &Credentials,
+    server: SocketAddr,
+    software: &str,
+) -> Result<ControlClient> {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(creds.control_client()?));
     let tcp = tokio::net::TcpStream::connect(server).await?;
     let name = tokio_rustls::rustls::pki_types::ServerName::from(server.ip());
@@ -744,7 +786,7 @@ pub async fn portal_session(creds: &Credentials, server: SocketAddr) -> Result<C
     c.send(&Message::Hello {
         role: netport_proto::control::PeerRole::Portal,
         versions: vec![netport_proto::control::VERSION],
-        software: "test".into(),
+        software: software.into(),
     })
     .await?;
     Ok(c)

@@ -153,6 +153,16 @@ impl Netns {
         Ok(tokio::net::TcpListener::from_std(l)?)
     }
 
+    /// Gives processes started in the namespace (`ip netns exec` bind-mounts
+    /// `/etc/netns/NAME/hosts` over `/etc/hosts`) their own hosts file: split DNS, so one
+    /// name can mean a different relay address in each peer's namespace. Removed in `Drop`.
+    pub fn set_hosts(&self, text: &str) -> Result<()> {
+        let dir = Path::new("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(dir.join("hosts"), text)?;
+        Ok(())
+    }
+
     /// A counter of `/proc/net/snmp` in this namespace, like ("Udp", "InCsumErrors").
     pub fn snmp(&self, proto: &str, field: &str) -> Result<u64> {
         let text = self.exec("cat", &["/proc/net/snmp"])?;
@@ -177,6 +187,7 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = run(ip(), &["netns", "del", &self.name]);
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
     }
 }
 

@@ -50,6 +50,24 @@ fn bad_configurations_exit_two_naming_the_key() {
             "servers",
         ),
         (
+            "portal",
+            vec![],
+            format!(
+                "servers = [\"127.0.0.1:1\"]\nquic = \"sometimes\"\n{}",
+                tls(&good_cert)
+            ),
+            "quic",
+        ),
+        (
+            "portal",
+            vec![],
+            format!(
+                "servers = [\"127.0.0.1:1\"]\nquic_timeout_ms = 5\n{}",
+                tls(&good_cert)
+            ),
+            "quic_timeout_ms",
+        ),
+        (
             "relayd",
             vec![],
             format!(

@@ -245,6 +245,7 @@ async fn session(
         connected_at: netport_common::admin::unix_now(),
         legacy: Some(me),
         speaks_legacy: true,
+        quic: false,
     };
     if let Some(old) = lock(&server.portals).insert(name.clone(), handle) {
         old.cancel.cancel();
@@ -587,6 +588,8 @@ async fn setup(
             relay: relay_name,
             client_key: *key,
             grants: grants.clone(),
+            quic_alloc: None,
+            allocs: 1,
         },
     );
     let serving_tx = lock(&server.portals).get(serving).map(|h| h.tx.clone());
@@ -605,6 +608,7 @@ async fn setup(
             token_p: hex::encode(token_p),
             targets: Vec::new(),
         }),
+        quic: None,
     });
     Ok(Setup {
         token_p,
@@ -670,6 +674,7 @@ pub(super) async fn offer_to_legacy(
                 token_p: hex::encode(setup.token_p),
                 targets: grants,
             }),
+            quic: None,
         });
     }
     tracing::info!(client, serving, rule, relay = %setup.endpoint.relay, link_id = setup.alloc_id, "link allocated (legacy peer)");

@@ -45,6 +45,8 @@ struct PortalHandle {
     legacy: Option<netport_proto::legacy::LegacyName>,
     /// The session speaks the legacy (V0.1) control protocol.
     speaks_legacy: bool,
+    /// The portal runs links over QUIC (it said so in its hello).
+    quic: bool,
 }
 
 /// A link the server set up, kept so reloads can update or close it.
@@ -55,6 +57,33 @@ struct LinkInfo {
     relay: String,
     client_key: [u8; 32],
     grants: Vec<netport_proto::control::LinkGrant>,
+    /// The UDP pair beside the TCP one, for a link over QUIC.
+    quic_alloc: Option<u64>,
+    /// Relay allocations of the link still open: the link is gone when none is (the pair
+    /// the portals did not use expires on its own).
+    allocs: u8,
+}
+
+/// A relay allocation ended: its link is forgotten once all its allocations have. Returns
+/// the link's id and whether it is gone, `None` for an allocation of no known link.
+fn allocation_closed(server: &Server, alloc_id: u64) -> Option<(u64, bool)> {
+    let mut links = lock(&server.links);
+    let id = if links.contains_key(&alloc_id) {
+        Some(alloc_id)
+    } else {
+        links
+            .iter()
+            .find(|(_, l)| l.quic_alloc == Some(alloc_id))
+            .map(|(id, _)| *id)
+    };
+    let id = id?;
+    let l = links.get_mut(&id)?;
+    l.allocs = l.allocs.saturating_sub(1);
+    let gone = l.allocs == 0;
+    if gone {
+        links.remove(&id);
+    }
+    Some((id, gone))
 }
 
 /// Where an allocation request's answer goes: the port pair, or why it failed.
@@ -364,6 +393,24 @@ impl Server {
         }
     }
 
+    /// A portal of link `id` says it ended: its relay allocations are released now (a UDP
+    /// pair would otherwise wait for its idle timeout, holding relay capacity). Only a
+    /// portal of the link may end it; anyone else is ignored.
+    fn release_link(&self, portal: &str, id: u64) {
+        let link = lock(&self.links)
+            .get(&id)
+            .filter(|l| l.client == portal || l.serving == portal)
+            .map(|l| (l.relay.clone(), l.quic_alloc));
+        let Some((relay, quic)) = link else {
+            return;
+        };
+        if let Some(h) = lock(&self.relays).get(&relay) {
+            for alloc_id in std::iter::once(id).chain(quic) {
+                let _ = h.tx.send(Message::Release { alloc_id });
+            }
+        }
+    }
+
     fn close_link(&self, id: u64, link: &LinkInfo, reason: &str) {
         lock(&self.links).remove(&id);
         for p in [&link.client, &link.serving] {
@@ -376,6 +423,9 @@ impl Server {
         }
         if let Some(h) = lock(&self.relays).get(&link.relay) {
             let _ = h.tx.send(Message::Release { alloc_id: id });
+            if let Some(q) = link.quic_alloc {
+                let _ = h.tx.send(Message::Release { alloc_id: q });
+            }
         }
     }
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use netport_policy::{Policy, Protocol, Request};
 use netport_proto::control::{
-    Decoder, LinkGrant, ListenerSpec, Message, PeerRole, RelayEndpoint, StreamError, Transport,
-    VERSION, encode_message,
+    Decoder, LinkGrant, ListenerSpec, Message, PeerRole, QuicPath, RelayEndpoint, StreamError,
+    Transport, VERSION, encode_message,
 };
 use netport_proto::identity::{CertInfo, Role};
 use netport_proto::relay::token_to_hex;
@@ -194,7 +194,12 @@ pub async fn handle(
     };
     let hello = reader.next(Duration::from_secs(10)).await?;
     drop(unauthenticated);
-    let Some(Message::Hello { role, versions, .. }) = hello else {
+    let Some(Message::Hello {
+        role,
+        versions,
+        software,
+    }) = hello
+    else {
         return Err(refuse("protocol", "the first message must be hello".into()));
     };
     if !versions.contains(&VERSION) {
@@ -235,7 +240,8 @@ pub async fn handle(
                     ),
                 ));
             }
-            portal_session(server, identity.name.clone(), info, reader, tx, peer).await
+            let quic = netport_proto::control::announces_quic(&software);
+            portal_session(server, identity.name.clone(), info, reader, tx, peer, quic).await
         }
         (PeerRole::Relay, Role::Relay) => {
             if policy.relay(&identity.name).is_none() {
@@ -294,6 +300,7 @@ async fn portal_session(
     mut reader: Reader,
     tx: mpsc::UnboundedSender<Message>,
     peer: SocketAddr,
+    quic: bool,
 ) -> Result<()> {
     let conn = server.id();
     let policy = server.policy();
@@ -314,6 +321,7 @@ async fn portal_session(
         connected_at: netport_common::admin::unix_now(),
         legacy: netport_proto::tls::legacy::legacy_names(&info).next(),
         speaks_legacy: false,
+        quic,
     };
     if let Some(old) = lock(&server.portals).insert(name.clone(), handle) {
         // A portal reconnecting replaces its old session.
@@ -371,6 +379,7 @@ async fn portal_session(
             }
             Ok(Some(Message::LinkClosed { link_id, reason })) => {
                 tracing::debug!(portal = %name, link_id, %reason, "link closed");
+                server.release_link(&name, link_id);
             }
             Ok(Some(Message::StreamClosed {
                 link_id,
@@ -538,11 +547,10 @@ async fn open_link(
         h.live += 1;
         (relay_name, h.tx.clone(), alloc_id, orx)
     };
-    let mut ta = [0u8; 32];
-    let mut tb = [0u8; 32];
-    if getrandom::fill(&mut ta).is_err() || getrandom::fill(&mut tb).is_err() {
+    let Some((ta, tb)) = token_pair() else {
+        unpend(server, &relay_name, alloc_id);
         return Err(deny("internal", None, "no randomness for tokens".into()));
-    }
+    };
     let ttl = server.token_ttl;
     let _ = relay_tx.send(Message::Allocate {
         alloc_id,
@@ -554,10 +562,7 @@ async fn open_link(
     let ports = match tokio::time::timeout(Duration::from_secs(5), rx).await {
         Ok(Ok(Ok(ports))) => ports,
         other => {
-            if let Some(h) = lock(&server.relays).get_mut(&relay_name) {
-                h.pending.remove(&alloc_id);
-                h.live = h.live.saturating_sub(1);
-            }
+            unpend(server, &relay_name, alloc_id);
             let why = match other {
                 Ok(Ok(Err(reason))) => reason,
                 _ => "no answer".into(),
@@ -577,6 +582,19 @@ async fn open_link(
         address: relay.address.clone(),
         port,
     };
+    // A UDP pair on the same relay, so the portals can run the link over QUIC, when both
+    // run links over QUIC; without one they use the TCP pair alone.
+    let both_quic = {
+        let portals = lock(&server.portals);
+        [client, serving.as_str()]
+            .iter()
+            .all(|p| portals.get(*p).is_some_and(|h| h.quic))
+    };
+    let quic = if both_quic {
+        allocate_udp(server, &relay_name, &relay_tx, ttl).await
+    } else {
+        None
+    };
     let expires_in_ms = ttl.as_millis() as u64;
     lock(&server.links).insert(
         alloc_id,
@@ -586,6 +604,8 @@ async fn open_link(
             relay: relay_name.clone(),
             client_key: *key,
             grants: grants.clone(),
+            quic_alloc: quic.as_ref().map(|q| q.alloc_id),
+            allocs: 1 + u8::from(quic.is_some()),
         },
     );
     let _ = serving_tx.send(Message::LinkIncoming {
@@ -596,6 +616,10 @@ async fn open_link(
         expires_in_ms,
         grants,
         legacy: None,
+        quic: quic.as_ref().map(|q| QuicPath {
+            port: q.port_b,
+            token: token_to_hex(&q.token_b),
+        }),
     });
     let client_tx = lock(&server.portals).get(client).map(|h| h.tx.clone());
     if let Some(tx) = client_tx {
@@ -607,9 +631,13 @@ async fn open_link(
             token: token_to_hex(&ta),
             expires_in_ms,
             legacy: None,
+            quic: quic.as_ref().map(|q| QuicPath {
+                port: q.port_a,
+                token: token_to_hex(&q.token_a),
+            }),
         });
     }
-    tracing::info!(client, serving = %serving, rule = %permit.rule.name, relay = %relay_name, link_id = alloc_id, "link allocated");
+    tracing::info!(client, serving = %serving, rule = %permit.rule.name, relay = %relay_name, link_id = alloc_id, quic = quic.is_some(), "link allocated");
     server.obs.links_opened.inc();
     server.obs.audit(
         "decision",
@@ -630,6 +658,74 @@ async fn open_link(
         }),
     );
     Ok(())
+}
+
+/// Two fresh random tokens, `None` without randomness.
+fn token_pair() -> Option<([u8; 32], [u8; 32])> {
+    let mut ta = [0u8; 32];
+    let mut tb = [0u8; 32];
+    (getrandom::fill(&mut ta).is_ok() && getrandom::fill(&mut tb).is_ok()).then_some((ta, tb))
+}
+
+/// Forgets an allocation request that got no usable answer.
+fn unpend(server: &Server, relay: &str, alloc_id: u64) {
+    if let Some(h) = lock(&server.relays).get_mut(relay) {
+        h.pending.remove(&alloc_id);
+        h.live = h.live.saturating_sub(1);
+    }
+}
+
+/// A relay UDP pair for a link over QUIC.
+struct UdpPair {
+    alloc_id: u64,
+    port_a: u16,
+    port_b: u16,
+    token_a: [u8; 32],
+    token_b: [u8; 32],
+}
+
+/// Asks `relay` for a UDP pair beside a link's TCP pair; `None` (logged) when it cannot
+/// give one in time, and the link runs over TCP only.
+async fn allocate_udp(
+    server: &Server,
+    relay: &str,
+    relay_tx: &mpsc::UnboundedSender<Message>,
+    ttl: Duration,
+) -> Option<UdpPair> {
+    let (token_a, token_b) = token_pair()?;
+    let alloc_id = server.id();
+    let (otx, orx) = oneshot::channel();
+    {
+        let mut relays = lock(&server.relays);
+        let h = relays.get_mut(relay)?;
+        h.pending.insert(alloc_id, otx);
+        h.live += 1;
+    }
+    let _ = relay_tx.send(Message::Allocate {
+        alloc_id,
+        token_a: token_to_hex(&token_a),
+        token_b: token_to_hex(&token_b),
+        ttl_ms: ttl.as_millis() as u64,
+        transport: Transport::Udp,
+    });
+    match tokio::time::timeout(Duration::from_secs(3), orx).await {
+        Ok(Ok(Ok((port_a, port_b)))) => Some(UdpPair {
+            alloc_id,
+            port_a,
+            port_b,
+            token_a,
+            token_b,
+        }),
+        other => {
+            unpend(server, relay, alloc_id);
+            let why = match other {
+                Ok(Ok(Err(reason))) => reason,
+                _ => "no answer".into(),
+            };
+            tracing::info!(%relay, "no UDP pair for a QUIC link ({why}): the link uses TCP");
+            None
+        }
+    }
 }
 
 async fn relay_session(
@@ -714,8 +810,18 @@ async fn relay_session(
                 if let Some(h) = lock(&server.relays).get_mut(&name) {
                     h.live = h.live.saturating_sub(1);
                 }
-                lock(&server.links).remove(&alloc_id);
-                tracing::info!(relay = %name, link_id = alloc_id, bytes_a_to_b, bytes_b_to_a, %reason, "link ended");
+                match super::allocation_closed(&server, alloc_id) {
+                    Some((link_id, true)) => {
+                        tracing::info!(relay = %name, link_id, alloc_id, bytes_a_to_b, bytes_b_to_a, %reason, "link ended")
+                    }
+                    // The pair the portals did not use (TCP or UDP) closed; the link goes on.
+                    Some((link_id, false)) => {
+                        tracing::info!(relay = %name, link_id, alloc_id, bytes_a_to_b, bytes_b_to_a, %reason, "link allocation closed; the link's other pair remains")
+                    }
+                    None => {
+                        tracing::info!(relay = %name, link_id = alloc_id, bytes_a_to_b, bytes_b_to_a, %reason, "link ended")
+                    }
+                }
             }
             Ok(Some(Message::Heartbeat { .. })) => {}
             Ok(Some(other)) => tracing::debug!(relay = %name, kind = other.kind(), "ignored"),
