@@ -143,12 +143,16 @@ impl Server {
 /// Links and allocations outlive netportd: relays and portals keep carrying them across a
 /// restart, keyed by the id they were given. Counting from 1 again would give a new link the
 /// id of one still running (the relay refuses the allocation as "in use", a portal mixes up
-/// its served links). So each run starts at its start time in seconds times 2^20: a run would
-/// have to hand out over a million ids per second of its life to reach the next run's range,
-/// and ids stay below 2^53, exact in any JSON reader.
+/// its served links). So each run starts at its start time in milliseconds times 2^11: a run
+/// would have to hand out over 2,048 ids per millisecond of its life to reach the next run's
+/// range, and ids stay below 2^53 (exact in any JSON reader) until the year 2109.
 fn first_id() -> u64 {
-    let secs = u64::try_from(netport_common::admin::unix_now()).unwrap_or(0);
-    (secs.min((1 << 32) - 1) << 20) + 1
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let millis = u64::try_from(millis).unwrap_or(0).min((1 << 42) - 1);
+    (millis << 11) + 1
 }
 
 impl Server {
