@@ -98,6 +98,7 @@ pub fn free_port_range(n: u16) -> Result<(u16, u16)> {
 }
 
 pub mod netns;
+pub mod unprivileged;
 
 /// A path to one of the workspace's binaries, built by cargo for this test run (an absolute
 /// path is taken as it is).
@@ -127,7 +128,17 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(log)?;
-        let child = Command::new(binary(bin))
+        let mut cmd = match unprivileged::binary(bin)? {
+            Some(copy) => {
+                // Keys, configuration and state next to the log become the daemon's.
+                unprivileged::hand_over(log.parent().unwrap_or(Path::new(".")))?;
+                let mut c = Command::new("setpriv");
+                c.args(unprivileged::SETPRIV).arg("--").arg(copy);
+                c
+            }
+            None => Command::new(binary(bin)),
+        };
+        let child = cmd
             .args(args)
             .env("RUST_LOG", "info,relayd=debug,portal=debug,netportd=debug")
             .stdin(Stdio::null())
@@ -514,7 +525,8 @@ impl System {
             std::fs::write(
                 &cfg,
                 format!(
-                    "servers = [\"{server_addr}\"]\npublic_address = \"127.0.0.1\"\nbind = \"127.0.0.1\"\nports = \"{first}-{last}\"\nshutdown_grace_secs = 20\n{}{}",
+                    "servers = [\"{server_addr}\"]\npublic_address = \"127.0.0.1\"\nbind = \"127.0.0.1\"\nports = \"{first}-{last}\"\nshutdown_grace_secs = 20\n{}{}{}",
+                    unprivileged::relay_settings(),
                     admin_for(&log_name)?,
                     tls(&relay)
                 ),
@@ -585,6 +597,15 @@ impl System {
     }
 
     /// A daemon by name (`netportd`, `relayd` or `relay-N`, `portal-NAME`).
+    /// The process id of a daemon.
+    pub fn pid(&self, name: &str) -> Result<u32> {
+        self.daemons
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d.child.id())
+            .with_context(|| format!("no daemon {name}"))
+    }
+
     pub fn daemon(&mut self, name: &str) -> Result<&mut Daemon> {
         self.daemons
             .iter_mut()
