@@ -30,7 +30,9 @@ where
     tokio::try_join!(one_way(ar, bw), one_way(br, aw))
 }
 
-async fn one_way<R, W>(mut r: R, mut w: W) -> io::Result<u64>
+/// Copies `r` to `w` until `r` ends, then shuts `w` down (one direction of
+/// [`bidirectional`]); returns the bytes copied.
+pub(crate) async fn one_way<R, W>(mut r: R, mut w: W) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

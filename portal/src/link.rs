@@ -202,7 +202,11 @@ pub async fn carry(
 ) -> Result<()> {
     let _ = tcp.set_nodelay(true);
     let started = std::time::Instant::now();
-    let (mut stream, guard, link_id) = match open_channel(&portal, spec).await? {
+    // The stream's header goes out with the client's first bytes, without waiting for the
+    // serving portal's answer: a new connection costs one round trip through the link, not
+    // two. The serving portal reads nothing past the header before it has checked the grant
+    // and dialed the service, and its answer comes first on the way back.
+    let (mut stream, guard, link_id) = match open_channel_with(&portal, spec, false).await? {
         Channel::Stream {
             stream,
             guard,
@@ -219,12 +223,26 @@ pub async fn carry(
         }
     };
     let counted = portal.stats.stream(Side::Client);
-    let (up, down) = crate::copy::bidirectional(&mut tcp, &mut stream)
-        .await
-        .unwrap_or((0, 0));
+    let mut refused = None;
+    let copied = {
+        let (from_client, to_client) = tokio::io::split(&mut tcp);
+        let (mut from_link, to_link) = tokio::io::split(&mut stream);
+        let back = async {
+            if let Err(e) = read_answer(&mut from_link).await {
+                refused = Some(format!("{e:#}"));
+                return Err(std::io::Error::other("refused"));
+            }
+            crate::copy::one_way(from_link, to_client).await
+        };
+        tokio::try_join!(crate::copy::one_way(from_client, to_link), back)
+    };
     // The stream counted as active until here.
     drop(guard);
     drop(counted);
+    if let Some(why) = refused {
+        bail!("{why} (`{}`)", spec.service);
+    }
+    let (up, down) = copied.unwrap_or((0, 0));
     portal.stats.stream_bytes(Side::Client, up, down);
     portal.tell_server(Message::StreamClosed {
         link_id,
@@ -258,6 +276,16 @@ pub(crate) enum Channel {
 /// use) and waits for the serving portal to accept it. The stream counts as active on the
 /// link until the returned guard is dropped.
 pub(crate) async fn open_channel(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Channel> {
+    open_channel_with(portal, spec, true).await
+}
+
+/// [`open_channel`]; with `await_answer` false, the stream is returned once its header is
+/// written, and the caller reads the answer ([`read_answer`]) before anything else.
+async fn open_channel_with(
+    portal: &Arc<Portal>,
+    spec: &ListenerSpec,
+    await_answer: bool,
+) -> Result<Channel> {
     let mut stream = None;
     let mut datagrams = None;
     let mut guard = None;
@@ -304,14 +332,10 @@ pub(crate) async fn open_channel(portal: &Arc<Portal>, spec: &ListenerSpec) -> R
     header.extend_from_slice(&(name.len() as u16).to_be_bytes());
     header.extend_from_slice(name);
     stream.write_all(&header).await?;
-    let mut code = [0u8; 1];
-    stream
-        .read_exact(&mut code)
-        .await
-        .context("the serving portal closed the stream")?;
-    if code[0] != OPEN_OK {
-        let msg = read_msg(&mut stream).await.unwrap_or_default();
-        bail!("the serving portal refused `{}`: {msg}", spec.service);
+    if await_answer {
+        read_answer(&mut stream)
+            .await
+            .with_context(|| format!("opening `{}`", spec.service))?;
     }
     Ok(Channel::Stream {
         stream,
@@ -319,6 +343,21 @@ pub(crate) async fn open_channel(portal: &Arc<Portal>, spec: &ListenerSpec) -> R
         guard,
         link_id,
     })
+}
+
+/// Reads the serving portal's answer to a stream's header: `OPEN_OK`, or a refusal with its
+/// message.
+async fn read_answer<S: AsyncRead + Unpin>(stream: &mut S) -> Result<()> {
+    let mut code = [0u8; 1];
+    stream
+        .read_exact(&mut code)
+        .await
+        .context("the serving portal closed the stream")?;
+    if code[0] != OPEN_OK {
+        let msg = read_msg(stream).await.unwrap_or_default();
+        bail!("the serving portal refused the stream: {msg}");
+    }
+    Ok(())
 }
 
 async fn read_msg<S: AsyncRead + Unpin>(s: &mut S) -> Result<String> {

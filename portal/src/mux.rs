@@ -42,8 +42,11 @@ fn config(streams: usize) -> yamux::Config {
     // Room for a bulk stream to keep the pipe full across the relay; yamux auto-tunes each
     // stream's window within this connection-wide budget.
     // yamux requires the budget to give every stream at least 256 KiB.
-    c.set_max_connection_receive_window(Some(streams * 256 * 1024));
+    // yamux checks the two against each other at each call: lift the budget, set the
+    // streams, then the budget that fits them.
+    c.set_max_connection_receive_window(None);
     c.set_max_num_streams(streams);
+    c.set_max_connection_receive_window(Some(streams * 256 * 1024));
     c
 }
 
