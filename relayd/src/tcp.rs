@@ -24,6 +24,9 @@ use tokio::net::TcpStream;
 
 use crate::config::TcpFastPath;
 
+/// A socket of a sockmap pair, off tokio's reactor (non-blocking).
+type StdStream = std::net::TcpStream;
+
 /// The path chosen at start-up: the configured one, or `Copy` when the sockmap program could
 /// not load.
 #[derive(Debug, Clone)]
@@ -100,7 +103,7 @@ pub async fn forward(path: &TcpPath, alloc_id: u64, mut a: TcpStream, mut b: Tcp
         };
     }
     let result = match path {
-        TcpPath::Sockmap(map) => sockmap(map, alloc_id, &mut a, &mut b).await,
+        TcpPath::Sockmap(map) => sockmap(map, alloc_id, a, b).await,
         TcpPath::Splice => splice(&a, &b).await,
         TcpPath::Copy => copy(&mut a, &mut b).await,
     };
@@ -122,21 +125,26 @@ pub async fn forward(path: &TcpPath, alloc_id: u64, mut a: TcpStream, mut b: Tcp
 async fn sockmap(
     map: &Sockmap,
     alloc_id: u64,
-    a: &mut TcpStream,
-    b: &mut TcpStream,
+    mut a: TcpStream,
+    mut b: TcpStream,
 ) -> io::Result<(u64, u64)> {
     // The hello was read from the first segment, and what else that segment carried is still
     // queued: read it all before joining. A socket joining the map hands its queue to the
     // verdict program whole, the hello already read included (seen on Linux 6.18).
-    let (before_ab, before_ba) = tokio::try_join!(drain(a, b), drain(b, a))?;
-    let (ab, ba) = match map.join(a, b) {
-        Ok(joined) => joined.forward(a, b).await?,
+    let (before_ab, before_ba) = tokio::try_join!(drain(&a, &b), drain(&b, &a))?;
+    let (ab, ba) = match map.join(&a, &b) {
+        Ok(joined) => {
+            // Off tokio's reactor: every redirected segment still signals the sockets'
+            // readers, and tokio's epoll would wake for each one, for nothing.
+            let (a, b) = (a.into_std()?, b.into_std()?);
+            joined.forward(&a, &b, (before_ab, before_ba)).await?
+        }
         Err(e) => {
             tracing::warn!(
                 alloc_id,
                 "cannot join the sockmap, forwarding this allocation by a copy loop: {e:#}"
             );
-            copy(a, b).await?
+            copy(&mut a, &mut b).await?
         }
     };
     Ok((before_ab + ab, before_ba + ba))
@@ -204,7 +212,7 @@ async fn write_all(to: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
 }
 
 /// Sends a FIN. An error means the connection is gone, which the other direction sees.
-fn shut_write(s: &TcpStream) {
+fn shut_write(s: &impl AsFd) {
     let _ = socket2::SockRef::from(s).shutdown(Shutdown::Write);
 }
 
@@ -253,7 +261,8 @@ fn tcp_info(s: &impl AsFd) -> io::Result<TcpInfo> {
 }
 
 /// The socket cookie, the sockmap's key.
-fn cookie(s: &TcpStream) -> io::Result<u64> {
+#[cfg_attr(not(netport_ebpf), allow(dead_code))] // only the loaded program needs it
+fn cookie(s: &impl AsFd) -> io::Result<u64> {
     socket2::SockRef::from(s).cookie()
 }
 
@@ -271,12 +280,18 @@ impl Drop for Joined<'_> {
 }
 
 impl Joined<'_> {
-    async fn forward(&self, a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
+    /// `before`: the bytes relayd forwarded a to b and b to a before the join.
+    async fn forward(
+        &self,
+        a: &StdStream,
+        b: &StdStream,
+        before: (u64, u64),
+    ) -> io::Result<(u64, u64)> {
         let (early_ab, early_ba) = tokio::try_join!(early(a, b), early(b, a))?;
         let ready = READY.len() as u64;
         let (ab, ba) = tokio::try_join!(
-            self.one_way(a, self.a, b, early_ab, ready),
-            self.one_way(b, self.b, a, early_ba, ready),
+            self.one_way(a, self.a, b, early_ab, ready + before.0),
+            self.one_way(b, self.b, a, early_ba, ready + before.1),
         )?;
         let (kernel_ab, kernel_ba) = (self.map.redirected(self.a), self.map.redirected(self.b));
         tracing::info!(
@@ -291,30 +306,21 @@ impl Joined<'_> {
 
     /// Waits for the end of `from`'s stream, forwarding what the kernel passes up instead of
     /// redirecting (nothing, normally), then sends `to` a FIN once `to` has sent everything
-    /// redirected to it. Returns the bytes forwarded here in userspace.
+    /// redirected to it. `early` and `control` are what relayd wrote on `to` before (early
+    /// bytes; READY and bytes forwarded before the join). Returns the bytes forwarded here.
     async fn one_way(
         &self,
-        from: &TcpStream,
+        from: &StdStream,
         from_cookie: u64,
-        to: &TcpStream,
+        to: &StdStream,
         early: u64,
         control: u64,
     ) -> io::Result<u64> {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut passed = 0u64;
-        loop {
-            // Redirected segments still wake the socket; reading then finds nothing.
-            from.readable().await?;
-            match from.try_read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    write_all(to, &buf[..n]).await?;
-                    passed += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
+        // Redirected segments still wake a socket's readers, though there is nothing to
+        // read: watching for the end of the stream alone keeps relayd asleep meanwhile.
+        self.map.watcher.end_of_stream(from, from_cookie).await?;
+        // What the program passed up instead of redirecting (nothing, normally), then EOF.
+        let passed = drain_std(from, to).await?;
         // The kernel queues redirected segments on `to` and sends them from a work queue, so
         // a FIN sent now could overtake them (and the kernel then drops them): wait until
         // `to`'s peer has acknowledged every byte the relay put on `to`.
@@ -343,7 +349,7 @@ impl Joined<'_> {
 /// kernel then redirects the whole queue, in order. A sender that keeps sending gets them
 /// flushed that way within [`EARLY_WAIT`]; a sender that waits for an answer (a TLS
 /// ClientHello) does not, and those bytes are forwarded from here.
-async fn early(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+async fn early(from: &StdStream, to: &StdStream) -> io::Result<u64> {
     let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
     let mut queued = || match socket2::SockRef::from(from).peek(&mut probe) {
         Ok(n) => Ok(n > 0),
@@ -353,7 +359,7 @@ async fn early(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
     let waited = tokio::time::Instant::now();
     while queued()? {
         if waited.elapsed() >= EARLY_WAIT {
-            return drain(from, to).await;
+            return drain_std(from, to).await;
         }
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
@@ -362,6 +368,124 @@ async fn early(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
 
 /// How long queued early bytes may wait for the kernel to flush them.
 const EARLY_WAIT: Duration = Duration::from_millis(5);
+
+/// Wakes a task when a socket's stream ends (EPOLLRDHUP), errs or hangs up, and for nothing
+/// else: one thread and one epoll set for all sockmap pairs.
+struct Watcher {
+    epoll: nix::sys::epoll::Epoll,
+    waiting: std::sync::Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher").finish_non_exhaustive()
+    }
+}
+
+impl Watcher {
+    #[cfg_attr(not(netport_ebpf), allow(dead_code))] // only the loaded program needs it
+    fn start() -> io::Result<Arc<Watcher>> {
+        use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollTimeout};
+        let w = Arc::new(Watcher {
+            epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
+            waiting: Default::default(),
+        });
+        let this = w.clone();
+        std::thread::Builder::new()
+            .name("sockmap-eos".into())
+            .spawn(move || {
+                let mut events = [EpollEvent::empty(); 64];
+                loop {
+                    let n = match this.epoll.wait(&mut events, EpollTimeout::NONE) {
+                        Ok(n) => n,
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        Err(e) => {
+                            tracing::error!("the sockmap end-of-stream watch failed: {e}");
+                            return;
+                        }
+                    };
+                    let mut waiting = this.waiting.lock().unwrap_or_else(|p| p.into_inner());
+                    for ev in &events[..n] {
+                        if let Some(tx) = waiting.remove(&ev.data()) {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
+            })?;
+        Ok(w)
+    }
+
+    /// Returns once `s` has reached the end of its stream (or failed).
+    async fn end_of_stream(&self, s: &StdStream, key: u64) -> io::Result<()> {
+        use nix::sys::epoll::{EpollEvent, EpollFlags};
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, tx);
+        // One-shot: after its event the socket stays in the set, disabled, until deleted.
+        let flags = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT;
+        if let Err(e) = self.epoll.add(s, EpollEvent::new(flags, key)) {
+            self.forget(s, key);
+            return Err(e.into());
+        }
+        // Deregisters on every way out, cancellation included.
+        struct Registered<'w, 's>(&'w Watcher, &'s StdStream, u64);
+        impl Drop for Registered<'_, '_> {
+            fn drop(&mut self) {
+                self.0.forget(self.1, self.2);
+            }
+        }
+        let _registered = Registered(self, s, key);
+        let _ = rx.await;
+        Ok(())
+    }
+
+    fn forget(&self, s: &StdStream, key: u64) {
+        let _ = self.epoll.delete(s);
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+    }
+}
+
+/// Forwards whatever `from` (a non-blocking socket off tokio's reactor) has queued right now.
+async fn drain_std(from: &StdStream, to: &StdStream) -> io::Result<u64> {
+    use std::io::Read;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        match (&mut &*from).read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => {
+                write_all_std(to, &buf[..n]).await?;
+                total += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes all of `buf` to a non-blocking socket off tokio's reactor. Only the rare bytes
+/// the kernel does not redirect take this way, so a full send buffer is waited out by
+/// polling.
+async fn write_all_std(to: &StdStream, mut buf: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    while !buf.is_empty() {
+        match (&mut &*to).write(buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
 
 /// Forwards whatever `from` has queued right now.
 async fn drain(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
@@ -388,7 +512,6 @@ mod imp {
     use aya::maps::{HashMap, MapData, SockHash};
     use aya::programs::SkSkb;
     use std::os::fd::AsFd;
-    use tokio::net::TcpStream;
 
     struct Loaded {
         // Holds the program and its attachment to the map.
@@ -400,6 +523,7 @@ mod imp {
     /// The loaded sockmap program and its maps.
     pub struct Sockmap {
         inner: Mutex<Loaded>,
+        pub(super) watcher: std::sync::Arc<super::Watcher>,
     }
 
     impl std::fmt::Debug for Sockmap {
@@ -435,7 +559,9 @@ mod imp {
             )?;
             prog.attach(socks.fd())
                 .context("attaching the stream verdict program to np_socks")?;
+            let watcher = super::Watcher::start().context("starting the end-of-stream watch")?;
             Ok(Sockmap {
+                watcher,
                 inner: Mutex::new(Loaded {
                     _ebpf: ebpf,
                     socks,
@@ -450,7 +576,7 @@ mod imp {
 
         /// Puts `a` and `b` in the map, each keyed by its own cookie with the other as value,
         /// with byte counters at 0.
-        pub(super) fn join(&self, a: &TcpStream, b: &TcpStream) -> Result<super::Joined<'_>> {
+        pub(super) fn join(&self, a: &impl AsFd, b: &impl AsFd) -> Result<super::Joined<'_>> {
             let ca = super::cookie(a).context("SO_COOKIE")?;
             let cb = super::cookie(b).context("SO_COOKIE")?;
             let joined = super::Joined {
@@ -489,18 +615,20 @@ mod imp {
 #[cfg(not(netport_ebpf))]
 mod imp {
     use anyhow::Result;
-    use tokio::net::TcpStream;
+    use std::os::fd::AsFd;
 
     /// Stands in for the sockmap program in a relayd built without it: never loads.
     #[derive(Debug)]
-    pub struct Sockmap;
+    pub struct Sockmap {
+        pub(super) watcher: std::sync::Arc<super::Watcher>,
+    }
 
     impl Sockmap {
         pub fn load() -> Result<Sockmap, String> {
             Err("this relayd was built without the sockmap program (no clang at build time, or the `xdp` feature off)".into())
         }
 
-        pub(super) fn join(&self, _: &TcpStream, _: &TcpStream) -> Result<super::Joined<'_>> {
+        pub(super) fn join(&self, _: &impl AsFd, _: &impl AsFd) -> Result<super::Joined<'_>> {
             anyhow::bail!("no sockmap")
         }
 
