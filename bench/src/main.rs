@@ -6,6 +6,7 @@
 //! netport-bench tunnel [--rounds N] [--peers direct,netport,ssh,stunnel,rathole]
 //! netport-bench relay-udp [--seconds N] [--sizes 64,1400] [--paths userspace,xdp]
 //! netport-bench relay-tcp [--rounds N] [--mib N] [--paths copy,splice,sockmap]
+//! netport-bench udp-tunnel [--rounds N] [--seconds N] [--sizes 64,1400]
 //! netport-bench sessions [--portals N]
 //! ```
 //!
@@ -27,6 +28,7 @@ mod reload;
 mod rng;
 mod sessions;
 mod tunnel;
+mod udp_tunnel;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -64,6 +66,9 @@ enum Command {
     /// throughput, round-trip latency and CPU per GB, between two network namespaces
     /// (needs root).
     RelayTcp(relay_tcp::Args),
+    /// UDP throughput through a whole tunnel (client, portal, relay, portal, UDP service)
+    /// against direct UDP, on 127.0.0.1.
+    UdpTunnel(udp_tunnel::Args),
     /// Connect many simulated portals to one netportd: memory per idle session, and the time
     /// a reload that changes every portal's listeners takes to reach all of them.
     Sessions(sessions::Args),
@@ -159,6 +164,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Reload(args) => reload::run(args),
         Command::RelayUdp(args) => relay_udp::run(args),
         Command::RelayTcp(args) => relay_tcp::run(args),
+        Command::UdpTunnel(args) => udp_tunnel::run(args),
         Command::Sessions(args) => sessions::run(args),
     }
 }
