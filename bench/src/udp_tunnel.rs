@@ -54,11 +54,7 @@ impl Sink {
             received: Arc::default(),
             stop: Arc::default(),
         };
-        let (size, received, stop) = (
-            sink.size.clone(),
-            sink.received.clone(),
-            sink.stop.clone(),
-        );
+        let (size, received, stop) = (sink.size.clone(), sink.received.clone(), sink.stop.clone());
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65_536];
             while !stop.load(Ordering::Relaxed) {
@@ -122,7 +118,13 @@ pub fn run(args: Args) -> Result<()> {
     let sys = System::start(&policy(sink.addr, port), &["alice", "nas"])?;
     rt.block_on(async {
         sys.wait_ready().await?;
-        wait_log(&sys, "portal-alice", "listening (udp)", Duration::from_secs(30)).await
+        wait_log(
+            &sys,
+            "portal-alice",
+            "listening (udp)",
+            Duration::from_secs(30),
+        )
+        .await
     })?;
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let client = UdpSocket::bind("127.0.0.1:0")?;
