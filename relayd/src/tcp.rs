@@ -131,7 +131,8 @@ async fn sockmap(
     // The hello was read from the first segment, and what else that segment carried is still
     // queued: read it all before joining. A socket joining the map hands its queue to the
     // verdict program whole, the hello already read included (seen on Linux 6.18).
-    let (before_ab, before_ba) = tokio::try_join!(drain(&a, &b), drain(&b, &a))?;
+    let (before_ab, before_ba) = tokio::try_join!(drain(&a, &b), drain(&b, &a))
+        .map_err(|e| context("forwarding the bytes that came with the hello", e))?;
     let (ab, ba) = match map.join(&a, &b) {
         Ok(joined) => {
             // Off tokio's reactor: every redirected segment still signals the sockets'
@@ -287,7 +288,8 @@ impl Joined<'_> {
         b: &StdStream,
         before: (u64, u64),
     ) -> io::Result<(u64, u64)> {
-        let (early_ab, early_ba) = tokio::try_join!(early(a, b), early(b, a))?;
+        let (early_ab, early_ba) = tokio::try_join!(early(a, b), early(b, a))
+            .map_err(|e| context("forwarding bytes queued before the join", e))?;
         let ready = READY.len() as u64;
         let (ab, ba) = tokio::try_join!(
             self.one_way(a, self.a, b, early_ab, ready + before.0),
@@ -318,16 +320,31 @@ impl Joined<'_> {
     ) -> io::Result<u64> {
         // Redirected segments still wake a socket's readers, though there is nothing to
         // read: watching for the end of the stream alone keeps relayd asleep meanwhile.
-        self.map.watcher.end_of_stream(from, from_cookie).await?;
-        // What the program passed up instead of redirecting (nothing, normally), then EOF.
-        let passed = drain_std(from, to).await?;
+        self.map
+            .watcher
+            .end_of_stream(from, from_cookie)
+            .await
+            .map_err(|e| context("waiting for the end of the stream", e))?;
+        // The FIN is seen before the program has had the last segments: wait until the
+        // queue is empty. Whatever is still there after [`EOS_WAIT`], the kernel is not
+        // going to hand over (nothing else will arrive to make it): forward it from here.
+        let passed = if settled(from, EOS_WAIT)
+            .await
+            .map_err(|e| context("waiting for the last segments", e))?
+        {
+            0
+        } else {
+            drain_std(from, to)
+                .await
+                .map_err(|e| context("forwarding what the kernel left queued", e))?
+        };
         // The kernel queues redirected segments on `to` and sends them from a work queue, so
         // a FIN sent now could overtake them (and the kernel then drops them): wait until
         // `to`'s peer has acknowledged every byte the relay put on `to`.
         let expected = control + early + passed + self.map.redirected(from_cookie);
         let mut pause = Duration::from_micros(200);
         loop {
-            let info = tcp_info(to)?;
+            let info = tcp_info(to).map_err(|e| context("TCP_INFO", e))?;
             if info.bytes_acked >= expected {
                 break;
             }
@@ -344,27 +361,45 @@ impl Joined<'_> {
     }
 }
 
+/// `e` with what relayd was doing.
+fn context(doing: &str, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{doing}: {e}"))
+}
+
 /// Bytes that reached `from` between its hello and its joining the map wait in its receive
 /// queue, where the verdict program never sees them until the next segment arrives: the
 /// kernel then redirects the whole queue, in order. A sender that keeps sending gets them
 /// flushed that way within [`EARLY_WAIT`]; a sender that waits for an answer (a TLS
 /// ClientHello) does not, and those bytes are forwarded from here.
 async fn early(from: &StdStream, to: &StdStream) -> io::Result<u64> {
-    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-    let mut queued = || match socket2::SockRef::from(from).peek(&mut probe) {
-        Ok(n) => Ok(n > 0),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
-        Err(e) => Err(e),
-    };
-    let waited = tokio::time::Instant::now();
-    while queued()? {
-        if waited.elapsed() >= EARLY_WAIT {
-            return drain_std(from, to).await;
-        }
-        tokio::time::sleep(Duration::from_micros(500)).await;
+    if settled(from, EARLY_WAIT).await? {
+        return Ok(0);
     }
-    Ok(0)
+    drain_std(from, to).await
 }
+
+/// Whether `from`'s receive queue empties within `within` (the kernel handing its segments
+/// to the program); `false` if bytes are still queued then.
+async fn settled(from: &StdStream, within: Duration) -> io::Result<bool> {
+    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    let waited = tokio::time::Instant::now();
+    loop {
+        match socket2::SockRef::from(from).peek(&mut probe) {
+            Ok(0) => return Ok(true),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        if waited.elapsed() >= within {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
+/// How long bytes queued at the end of a stream may take to reach the program.
+const EOS_WAIT: Duration = Duration::from_secs(1);
 
 /// How long queued early bytes may wait for the kernel to flush them.
 const EARLY_WAIT: Duration = Duration::from_millis(5);
@@ -517,6 +552,8 @@ mod imp {
         // Holds the program and its attachment to the map.
         _ebpf: aya::Ebpf,
         socks: SockHash<MapData, u64>,
+        peers: SockHash<MapData, u64>,
+        peer: HashMap<MapData, u64, u64>,
         bytes: HashMap<MapData, u64, u64>,
     }
 
@@ -547,6 +584,11 @@ mod imp {
             let socks: SockHash<MapData, u64> =
                 SockHash::try_from(ebpf.take_map("np_socks").context("no map np_socks")?)
                     .context("np_socks")?;
+            let peers: SockHash<MapData, u64> =
+                SockHash::try_from(ebpf.take_map("np_peers").context("no map np_peers")?)
+                    .context("np_peers")?;
+            let peer = HashMap::try_from(ebpf.take_map("np_peer").context("no map np_peer")?)
+                .context("np_peer")?;
             let bytes = HashMap::try_from(ebpf.take_map("np_bytes").context("no map np_bytes")?)
                 .context("np_bytes")?;
             let prog: &mut SkSkb = ebpf
@@ -565,6 +607,8 @@ mod imp {
                 inner: Mutex::new(Loaded {
                     _ebpf: ebpf,
                     socks,
+                    peers,
+                    peer,
                     bytes,
                 }),
             })
@@ -574,8 +618,8 @@ mod imp {
             self.inner.lock().unwrap_or_else(|p| p.into_inner())
         }
 
-        /// Puts `a` and `b` in the map, each keyed by its own cookie with the other as value,
-        /// with byte counters at 0.
+        /// Pairs `a` and `b` in the maps, in the order the program's comment explains: each
+        /// socket is attached to the program only once its peer is a redirect target.
         pub(super) fn join(&self, a: &impl AsFd, b: &impl AsFd) -> Result<super::Joined<'_>> {
             let ca = super::cookie(a).context("SO_COOKIE")?;
             let cb = super::cookie(b).context("SO_COOKIE")?;
@@ -587,11 +631,19 @@ mod imp {
             let mut l = self.lock();
             l.bytes.insert(ca, 0, 0).context("adding a byte counter")?;
             l.bytes.insert(cb, 0, 0).context("adding a byte counter")?;
+            l.peer.insert(ca, cb, 0).context("adding to np_peer")?;
+            l.peer.insert(cb, ca, 0).context("adding to np_peer")?;
+            l.peers
+                .insert(ca, a.as_fd(), 0)
+                .context("adding a socket to np_peers")?;
+            l.peers
+                .insert(cb, b.as_fd(), 0)
+                .context("adding a socket to np_peers")?;
             l.socks
-                .insert(ca, b.as_fd(), 0)
+                .insert(ca, a.as_fd(), 0)
                 .context("adding a socket to np_socks")?;
             l.socks
-                .insert(cb, a.as_fd(), 0)
+                .insert(cb, b.as_fd(), 0)
                 .context("adding a socket to np_socks")?;
             drop(l);
             Ok(joined)
@@ -606,6 +658,8 @@ mod imp {
             let mut l = self.lock();
             for c in [a, b] {
                 let _ = l.socks.remove(&c);
+                let _ = l.peers.remove(&c);
+                let _ = l.peer.remove(&c);
                 let _ = l.bytes.remove(&c);
             }
         }

@@ -431,7 +431,8 @@ async fn fast_path_carries_and_closes(path: &str, label: &str) -> Result<()> {
     });
     tokio::time::timeout(Duration::from_secs(120), runs)
         .await
-        .context("256 MiB did not cross the relay within 120 s")???;
+        .context("256 MiB did not cross the relay within 120 s")??
+        .with_context(|| std::fs::read_to_string(&s.log).unwrap_or_default())?;
     match s.conn.recv(T).await? {
         Message::AllocationClosed {
             alloc_id: 20,
