@@ -378,7 +378,14 @@ async fn expect_pattern(mut r: tokio::net::tcp::OwnedReadHalf, len: usize) -> Re
 /// intact, each side's FIN reaches the other side after its last byte, and the relay reports
 /// the bytes it carried.
 async fn fast_path_carries_and_closes(path: &str, label: &str) -> Result<()> {
-    let mut s = start_relay_with(5, &format!("tcp_fast_path = \"{path}\"\n"), &[]).await?;
+    let (admin_port, _) = free_port_range(1)?;
+    let admin = format!("127.0.0.1:{admin_port}");
+    let mut s = start_relay_with(
+        5,
+        &format!("tcp_fast_path = \"{path}\"\nadmin_listen = \"{admin}\"\n"),
+        &[],
+    )
+    .await?;
     let deadline = tokio::time::Instant::now() + T;
     loop {
         let log = std::fs::read_to_string(&s.log).unwrap_or_default();
@@ -416,6 +423,14 @@ async fn fast_path_carries_and_closes(path: &str, label: &str) -> Result<()> {
     assert_eq!(
         got, early_b,
         "bytes sent with the hello reach the other side"
+    );
+
+    // The allocation is counted under its path.
+    let (code, metrics) = netport_common::admin::get(&admin, "/metrics").await?;
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains(&format!("allocations_opened_total{{path=\"{label}\"}} 1")),
+        "no allocation counted under {label}:\n{metrics}"
     );
 
     let (big, small) = (256usize << 20, 32usize << 20);
