@@ -550,3 +550,80 @@ async fn sockmap_without_capabilities_falls_back_to_copy_and_says_why() -> Resul
     assert!(log.contains("path=\"tcp-userspace\""), "{log}");
     Ok(())
 }
+
+/// Test 4 of issue 5 on the namespace topology (peers X and Y each joined by veth to the
+/// relay's namespace, forwarded traffic dropped there): 256 MiB X to Y and 32 MiB back
+/// through a sockmap allocation, bytes sent with the hello first, both ends closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockmap_across_namespaces_carries_256_mib_and_closes_both_ways() -> Result<()> {
+    use netport_e2e::netns::{Netns, Topology, skip_unless_root, start_relay};
+    if skip_unless_root("sockmap_across_namespaces_carries_256_mib_and_closes_both_ways") {
+        return Ok(());
+    }
+    let topo = Topology::new()?;
+    let mut relay = start_relay(&topo, "tcp_fast_path = \"sockmap\"").await?;
+    let (ta, tb) = ([15u8; 32], [16u8; 32]);
+    let (pa, pb) = allocate(&mut relay.conn, 30, &ta, &tb, 10_000).await?;
+    let dial = |ns: &Netns, to: String, first: Vec<u8>| {
+        ns.enter(move || -> Result<std::net::TcpStream> {
+            use std::io::Write;
+            let mut s = std::net::TcpStream::connect(&to)?;
+            s.write_all(&first)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+    };
+    let early = b"with the hello".to_vec();
+    let a = dial(
+        &topo.x,
+        format!("{}:{pa}", Topology::RELAY_X),
+        [encode_hello(&ta).as_slice(), &early].concat(),
+    )??;
+    let b = dial(
+        &topo.y,
+        format!("{}:{pb}", Topology::RELAY_Y),
+        [encode_hello(&tb).as_slice(), &early].concat(),
+    )??;
+    let (mut a, mut b) = (TcpStream::from_std(a)?, TcpStream::from_std(b)?);
+    assert_eq!(&answer(&mut a).await?, READY);
+    assert_eq!(&answer(&mut b).await?, READY);
+    for side in [&mut a, &mut b] {
+        let mut got = vec![0u8; early.len()];
+        tokio::time::timeout(T, side.read_exact(&mut got)).await??;
+        assert_eq!(got, early, "bytes sent with the hello crossed first");
+    }
+    let (big, small) = (256usize << 20, 32usize << 20);
+    let (ar, aw) = a.into_split();
+    let (br, bw) = b.into_split();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::try_join!(
+            send_pattern(aw, big),
+            send_pattern(bw, small),
+            expect_pattern(br, big),
+            expect_pattern(ar, small),
+        )
+    })
+    .await
+    .context("256 MiB did not cross within 120 s")?
+    .with_context(|| relay.daemon.log_text())?;
+    match relay.conn.recv(T).await? {
+        Message::AllocationClosed {
+            alloc_id: 30,
+            bytes_a_to_b,
+            bytes_b_to_a,
+            reason,
+        } => {
+            assert_eq!(reason, "closed");
+            assert_eq!(bytes_a_to_b, (big + early.len()) as u64);
+            assert_eq!(bytes_b_to_a, (small + early.len()) as u64);
+        }
+        other => bail!("expected allocation_closed, got {other:?}"),
+    }
+    let log = relay.daemon.log_text();
+    assert!(log.contains("path=\"tcp-sockmap\""), "{log}");
+    assert!(
+        log.contains("kernel_a_to_b=268435"),
+        "the kernel carried the bulk:\n{log}"
+    );
+    Ok(())
+}
