@@ -9,6 +9,12 @@
 //!   forwards bytes that arrived before the sockets joined the map (the kernel would leave
 //!   them queued until the next segment came).
 //!
+//! The sockmap path has no backpressure: the kernel takes segments off the receiving socket
+//! as they arrive and queues them for the other socket's sender without limit (about 200 MB
+//! for one allocation was seen in the 256 MiB test). Bounding it means detaching a socket
+//! whose peer lags and re-joining it later with the same ordering care as the first join;
+//! not done yet, so the mode is for trusted portals only (README).
+//!
 //! Every path sends the relay's READY to both sides first, from userspace, so READY always
 //! precedes what the peer sent.
 
