@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["udp_relay"];
+const PROGRAMS: &[&str] = &["udp_relay", "tcp_splice"];
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(netport_ebpf)");
@@ -44,7 +44,7 @@ fn main() {
             }
             Err(e) => {
                 println!(
-                    "cargo::warning=relayd: building without the XDP fast path: cannot run `{clang}` ({e}); install clang and libbpf-dev"
+                    "cargo::warning=relayd: building without the kernel fast paths (XDP, sockmap): cannot run `{clang}` ({e}); install clang and libbpf-dev"
                 );
                 return;
             }

@@ -5,6 +5,8 @@
 //! netport-bench policy [--portals N] [--services N] [--access N] [--runs N]
 //! netport-bench tunnel [--rounds N] [--peers direct,netport,ssh,stunnel,rathole]
 //! netport-bench relay-udp [--seconds N] [--sizes 64,1400] [--paths userspace,xdp]
+//! netport-bench relay-tcp [--rounds N] [--mib N] [--paths copy,splice,sockmap]
+//! netport-bench udp-tunnel [--rounds N] [--seconds N] [--sizes 64,1400]
 //! netport-bench sessions [--portals N]
 //! ```
 //!
@@ -20,12 +22,14 @@ use clap::{Args, Parser, Subcommand};
 
 mod generate;
 mod policy;
+mod relay_tcp;
 mod relay_udp;
 mod reload;
 mod rng;
 mod sessions;
 mod streams;
 mod tunnel;
+mod udp_tunnel;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -59,6 +63,13 @@ enum Command {
     /// The relay's UDP forwarding rate and CPU per packet, XDP against userspace, between
     /// two network namespaces (needs root).
     RelayUdp(relay_udp::Args),
+    /// The relay's TCP forwarding paths, copy against splice(2) against sockmap: bulk
+    /// throughput, round-trip latency and CPU per GB, between two network namespaces
+    /// (needs root).
+    RelayTcp(relay_tcp::Args),
+    /// UDP throughput through a whole tunnel (client, portal, relay, portal, UDP service)
+    /// against direct UDP, on 127.0.0.1.
+    UdpTunnel(udp_tunnel::Args),
     /// Connect many simulated portals to one netportd: memory per idle session, and the time
     /// a reload that changes every portal's listeners takes to reach all of them.
     Sessions(sessions::Args),
@@ -162,6 +173,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tunnel(args) => tunnel::run(args),
         Command::Reload(args) => reload::run(args),
         Command::RelayUdp(args) => relay_udp::run(args),
+        Command::RelayTcp(args) => relay_tcp::run(args),
+        Command::UdpTunnel(args) => udp_tunnel::run(args),
         Command::Sessions(args) => sessions::run(args),
         Command::Streams(args) => streams::run(args),
         Command::EchoService { listen } => streams::echo_service(listen),

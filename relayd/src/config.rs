@@ -43,6 +43,12 @@ pub struct RelaydToml {
     /// can load, else userspace, with one log line saying why) or "userspace".
     #[serde(default = "default_udp_fast_path")]
     pub udp_fast_path: String,
+    /// How paired TCP allocations are forwarded: "copy" (default: a copy loop in relayd),
+    /// "splice" (splice(2) through a pipe per direction: no copy into userspace) or
+    /// "sockmap" (relayd-ebpf/tcp_splice.c redirects segments in the kernel; copy when the
+    /// program cannot load, with one log line saying why).
+    #[serde(default = "default_tcp_fast_path")]
+    pub tcp_fast_path: String,
     /// XDP attach mode: "auto" (the kernel chooses; default), "native" or "skb".
     #[serde(default = "default_xdp_mode")]
     pub xdp_mode: String,
@@ -77,6 +83,10 @@ fn default_udp_idle() -> u64 {
 
 fn default_udp_fast_path() -> String {
     "xdp".into()
+}
+
+fn default_tcp_fast_path() -> String {
+    "copy".into()
 }
 
 fn default_firewall() -> String {
@@ -127,6 +137,17 @@ impl XdpSettings {
     }
 }
 
+/// How paired TCP allocations are forwarded (`tcp_fast_path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpFastPath {
+    /// A copy loop in relayd.
+    Copy,
+    /// splice(2) through a pipe per direction.
+    Splice,
+    /// The kernel's sockmap redirects segments (relayd-ebpf/tcp_splice.c).
+    Sockmap,
+}
+
 /// A validated configuration: everything the daemon needs, nothing left to check.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -148,6 +169,8 @@ pub struct Config {
     pub udp_idle: std::time::Duration,
     /// The UDP fast path.
     pub xdp: XdpSettings,
+    /// The TCP forwarding path asked for.
+    pub tcp_fast_path: TcpFastPath,
     /// The nftables table to keep, if any.
     pub nftables_table: Option<String>,
     /// TLS credentials.
@@ -207,6 +230,14 @@ impl Config {
             "userspace" => false,
             other => bail!("`udp_fast_path` = \"{other}\" must be \"xdp\" or \"userspace\""),
         };
+        let tcp_fast_path = match raw.tcp_fast_path.as_str() {
+            "copy" => TcpFastPath::Copy,
+            "splice" => TcpFastPath::Splice,
+            "sockmap" => TcpFastPath::Sockmap,
+            other => {
+                bail!("`tcp_fast_path` = \"{other}\" must be \"copy\", \"splice\" or \"sockmap\"")
+            }
+        };
         if !["auto", "native", "skb"].contains(&raw.xdp_mode.as_str()) {
             bail!(
                 "`xdp_mode` = \"{}\" must be \"auto\", \"native\" or \"skb\"",
@@ -239,6 +270,7 @@ impl Config {
                 interfaces: raw.xdp_interfaces,
                 bind: raw.bind,
             },
+            tcp_fast_path,
             servers,
             public_address: raw.public_address,
             bind: raw.bind,

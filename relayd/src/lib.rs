@@ -13,6 +13,7 @@ mod firewall;
 pub mod guard;
 mod observe;
 mod pairing;
+mod tcp;
 mod udp;
 pub mod xdp;
 
@@ -32,10 +33,11 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         netport_common::expiry::DEFAULT_WARN_DAYS,
     );
     let fast = load_fast_path(&config);
+    let tcp = tcp::TcpPath::start(config.tcp_fast_path);
     let fw = start_firewall(&config);
     let stats = Arc::new(observe::Stats::new(&config.credentials));
     let (allocations, mut closed) =
-        pairing::Allocations::new(config.clone(), stats.clone(), fast, fw);
+        pairing::Allocations::new(config.clone(), stats.clone(), fast, fw, tcp);
     if let Some(addr) = config.admin_listen {
         let listener = netport_common::admin::bind(addr).await?;
         let admin = observe::Admin {

@@ -15,7 +15,8 @@ use crate::pairing::{Allocations, Closed};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PathLabel {
-    /// The forwarding path: `tcp-userspace` (a copy loop in this process), `udp-userspace`,
+    /// The forwarding path: `tcp-userspace` (a copy loop in this process), `tcp-splice`
+    /// (splice(2) through pipes), `tcp-sockmap` (the kernel's sockmap), `udp-userspace`,
     /// `udp-xdp` (the kernel fast path), `legacy-userspace`.
     path: String,
 }
@@ -37,8 +38,10 @@ pub struct Stats {
 }
 
 /// Every forwarding path, so each has a series from the start.
-const PATHS: [&str; 4] = [
+const PATHS: [&str; 6] = [
     "tcp-userspace",
+    "tcp-splice",
+    "tcp-sockmap",
     "udp-userspace",
     "udp-xdp",
     "legacy-userspace",

@@ -1,4 +1,5 @@
-//! Allocations: a port pair, two single-use tokens, one connection per side, then a splice.
+//! Allocations: a port pair, two single-use tokens, one connection per side, then forwarding
+//! (`tcp.rs` for TCP, `udp.rs` for UDP).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -6,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use netport_proto::control::{Message, Transport};
-use netport_proto::relay::{self, BAD_TOKEN, HELLO_LEN, READY, Token};
+use netport_proto::relay::{self, BAD_TOKEN, HELLO_LEN, Token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
@@ -16,6 +17,7 @@ use tokio::time::Instant;
 use crate::config::Config;
 use crate::firewall::{Firewall, Opened};
 use crate::guard::{Guard, MAX_PENDING_HELLOS};
+use crate::tcp::TcpPath;
 use crate::xdp::FastPath;
 
 mod legacy;
@@ -32,8 +34,8 @@ pub struct Closed {
 struct Entry {
     ports: (u16, u16),
     task: AbortHandle,
-    /// The forwarding path, for metrics: `tcp-userspace`, `udp-userspace`, `udp-xdp`,
-    /// `legacy-userspace`.
+    /// The forwarding path, for metrics: `tcp-userspace`, `tcp-splice`, `tcp-sockmap`,
+    /// `udp-userspace`, `udp-xdp`, `legacy-userspace`.
     path: &'static str,
 }
 
@@ -55,6 +57,8 @@ pub struct Allocations {
     /// relayd's nftables table, when in use.
     fw: Option<Arc<Firewall>>,
     guard: Arc<Guard>,
+    /// How paired TCP allocations are forwarded.
+    tcp: TcpPath,
 }
 
 impl std::fmt::Debug for Allocations {
@@ -71,6 +75,7 @@ impl Allocations {
         stats: Arc<crate::observe::Stats>,
         fast: Option<Arc<FastPath>>,
         fw: Option<Arc<Firewall>>,
+        tcp: TcpPath,
     ) -> (Allocations, mpsc::UnboundedReceiver<Closed>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let first = config.port_first;
@@ -84,6 +89,7 @@ impl Allocations {
                 fast,
                 fw,
                 guard: Arc::default(),
+                tcp,
             },
             rx,
         )
@@ -128,10 +134,21 @@ impl Allocations {
                 let ports = (port(la.local_addr()), port(lb.local_addr()));
                 let opened = self.open(Transport::Tcp, ports);
                 let guard = self.guard.clone();
+                let path = self.tcp.clone();
                 let task = tokio::spawn(async move {
                     let _opened = opened;
-                    let outcome =
-                        pair_and_splice(alloc_id, la, lb, ta, tb, ttl, hello_timeout, &guard).await;
+                    let outcome = pair_and_splice(
+                        alloc_id,
+                        la,
+                        lb,
+                        ta,
+                        tb,
+                        ttl,
+                        hello_timeout,
+                        &guard,
+                        &path,
+                    )
+                    .await;
                     this.finish(outcome);
                 });
                 (ports, task)
@@ -162,7 +179,7 @@ impl Allocations {
         // XDP takes over a UDP pair once both peers are in; until then (and when the program
         // did not load) it is forwarded in userspace.
         let path = match (transport, self.fast.is_some()) {
-            (Transport::Tcp, _) => "tcp-userspace",
+            (Transport::Tcp, _) => self.tcp.label(),
             (Transport::Udp, true) => "udp-xdp",
             (Transport::Udp, false) => "udp-userspace",
         };
@@ -358,6 +375,7 @@ async fn pair_and_splice(
     ttl: Duration,
     hello_timeout: Duration,
     guard: &Guard,
+    path: &TcpPath,
 ) -> Closed {
     let deadline = Instant::now() + ttl;
     let mut pending: JoinSet<(Side, SocketAddr, TcpStream, Option<Token>)> = JoinSet::new();
@@ -407,24 +425,18 @@ async fn pair_and_splice(
             }
         }
     }
-    // Both in: stop listening (a third connection is refused by the kernel), then splice.
+    // Both in: stop listening (a third connection is refused by the kernel), then forward.
     drop((la, lb));
     pending.abort_all();
-    let (Some(mut a), Some(mut b)) = (a, b) else {
+    let (Some(a), Some(b)) = (a, b) else {
         return closed("internal");
     };
-    let _ = a.set_nodelay(true);
-    let _ = b.set_nodelay(true);
-    if a.write_all(READY).await.is_err() || b.write_all(READY).await.is_err() {
-        return closed("peer left before ready");
-    }
-    tracing::info!(alloc_id, "paired; forwarding");
-    let result =
-        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 * 1024, 64 * 1024).await;
-    let (a_to_b, b_to_a, reason) = match result {
-        Ok((x, y)) => (x, y, "closed".to_string()),
-        Err(e) => (0, 0, format!("error: {e}")),
-    };
+    tracing::info!(alloc_id, path = path.label(), "paired; forwarding");
+    let crate::tcp::Outcome {
+        a_to_b,
+        b_to_a,
+        reason,
+    } = crate::tcp::forward(path, alloc_id, a, b).await;
     tracing::info!(alloc_id, a_to_b, b_to_a, %reason, "allocation closed");
     Closed {
         alloc_id,

@@ -107,6 +107,15 @@ fn bad_configurations_exit_two_naming_the_key() {
             "relayd",
             vec![],
             format!(
+                "servers = [\"127.0.0.1:1\"]\npublic_address = \"127.0.0.1\"\nports = \"40000-40010\"\ntcp_fast_path = \"ebpf\"\n{}",
+                tls(&good_cert)
+            ),
+            "tcp_fast_path",
+        ),
+        (
+            "relayd",
+            vec![],
+            format!(
                 "servers = [\"127.0.0.1:1\"]\npublic_address = \"127.0.0.1\"\nports = \"40000-40010\"\nfirewall = \"iptables\"\n{}",
                 tls(&good_cert)
             ),

@@ -17,9 +17,16 @@ struct Setup {
     _pki: Pki,
     relay: Daemon,
     conn: ControlConn,
+    log: std::path::PathBuf,
 }
 
 async fn start_relay(hello_timeout: u64) -> Result<Setup> {
+    start_relay_with(hello_timeout, "", &[]).await
+}
+
+/// A relay whose relayd.toml has `extra` lines (top-level keys) besides the usual ones, run
+/// through `wrapper` (a command and its arguments, like `setpriv` dropping capabilities).
+async fn start_relay_with(hello_timeout: u64, extra: &str, wrapper: &[&str]) -> Result<Setup> {
     let pki = Pki::new()?;
     let server = pki.issue(Role::Server, "netportd")?;
     let relay = pki.issue(Role::Relay, "relay-1")?;
@@ -30,7 +37,7 @@ async fn start_relay(hello_timeout: u64) -> Result<Setup> {
         &config,
         format!(
             "servers = [\"{}\"]\npublic_address = \"127.0.0.1\"\nbind = \"127.0.0.1\"\n\
-             ports = \"{first}-{last}\"\nhello_timeout_secs = {hello_timeout}\n\
+             ports = \"{first}-{last}\"\nhello_timeout_secs = {hello_timeout}\n{extra}\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
             peer.addr()?,
             pki.ca_path().display(),
@@ -39,11 +46,14 @@ async fn start_relay(hello_timeout: u64) -> Result<Setup> {
         ),
     )?;
     let log = pki.dir.path().join("relayd.log");
-    let daemon = Daemon::start(
-        "relayd",
-        &["--config", config.to_str().context("path")?],
-        &log,
-    )?;
+    let relayd = netport_e2e::binary("relayd");
+    let mut command: Vec<&str> = wrapper.to_vec();
+    command.extend([
+        relayd.to_str().context("path")?,
+        "--config",
+        config.to_str().context("path")?,
+    ]);
+    let daemon = Daemon::start(command[0], &command[1..], &log)?;
     let mut conn = peer.accept().await?;
     match conn.recv(T).await? {
         Message::Hello {
@@ -75,6 +85,7 @@ async fn start_relay(hello_timeout: u64) -> Result<Setup> {
         _pki: pki,
         relay: daemon,
         conn,
+        log,
     })
 }
 
@@ -372,5 +383,317 @@ async fn connections_beyond_sixteen_waiting_for_a_hello_are_closed_and_the_pair_
     let mut got = [0u8; 7];
     tokio::time::timeout(T, b.read_exact(&mut got)).await??;
     assert_eq!(&got, b"through");
+    Ok(())
+}
+
+/// The test stream: byte `i` is `PATTERN[i % PERIOD]`, a period prime to every buffer size.
+const PERIOD: usize = 65_521;
+
+fn pattern() -> Vec<u8> {
+    (0..PERIOD as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+/// Writes `len` bytes of the pattern, then shuts the write side down (a FIN).
+async fn send_pattern(mut w: tokio::net::tcp::OwnedWriteHalf, len: usize) -> Result<()> {
+    let p = pattern();
+    let mut sent = 0;
+    while sent < len {
+        let at = sent % PERIOD;
+        let n = (PERIOD - at).min(len - sent);
+        w.write_all(&p[at..at + n]).await?;
+        sent += n;
+    }
+    w.shutdown().await?;
+    Ok(())
+}
+
+/// Reads until end of stream; fails unless exactly `len` bytes of the pattern came.
+async fn expect_pattern(mut r: tokio::net::tcp::OwnedReadHalf, len: usize) -> Result<()> {
+    let p = pattern();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0usize;
+    loop {
+        let n = tokio::time::timeout(T, r.read(&mut buf))
+            .await
+            .context("no byte and no end of stream for 10 s")??;
+        if n == 0 {
+            break;
+        }
+        let mut off = 0;
+        while off < n {
+            let at = (got + off) % PERIOD;
+            let k = (PERIOD - at).min(n - off);
+            if buf[off..off + k] != p[at..at + k] {
+                bail!("bytes changed in the relay around offset {}", got + off);
+            }
+            off += k;
+        }
+        got += n;
+    }
+    if got != len {
+        bail!("{got} bytes before the end of stream, expected {len}");
+    }
+    Ok(())
+}
+
+/// Test 4 of issue 5 for one `tcp_fast_path`: bytes sent together with the hello (before the
+/// relay's fast path takes over) arrive first, 256 MiB one way and 32 MiB the other arrive
+/// intact, each side's FIN reaches the other side after its last byte, and the relay reports
+/// the bytes it carried.
+async fn fast_path_carries_and_closes(path: &str, label: &str) -> Result<()> {
+    let (admin_port, _) = free_port_range(1)?;
+    let admin = format!("127.0.0.1:{admin_port}");
+    let mut s = start_relay_with(
+        5,
+        &format!("tcp_fast_path = \"{path}\"\nadmin_listen = \"{admin}\"\n"),
+        &[],
+    )
+    .await?;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+        if log.contains("TCP allocations forwarded") || log.contains("TCP fast path loaded") {
+            if log.contains("TCP sockmap fast path unavailable") {
+                bail!("relayd fell back instead of using {path}:\n{log}");
+            }
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("relayd never said how it forwards TCP:\n{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (ta, tb) = ([11u8; 32], [12u8; 32]);
+    let (pa, pb) = allocate(&mut s.conn, 20, &ta, &tb, 10_000).await?;
+    // Each side's first bytes go out in the same segment as its hello.
+    let (early_a, early_b) = (b"sent with A's hello".as_slice(), b"B's too".as_slice());
+    let mut a = TcpStream::connect(("127.0.0.1", pa)).await?;
+    a.write_all(&[encode_hello(&ta).as_slice(), early_a].concat())
+        .await?;
+    let mut b = TcpStream::connect(("127.0.0.1", pb)).await?;
+    b.write_all(&[encode_hello(&tb).as_slice(), early_b].concat())
+        .await?;
+    assert_eq!(&answer(&mut a).await?, READY);
+    assert_eq!(&answer(&mut b).await?, READY);
+    let mut got = vec![0u8; early_a.len()];
+    tokio::time::timeout(T, b.read_exact(&mut got)).await??;
+    assert_eq!(
+        got, early_a,
+        "bytes sent with the hello reach the other side"
+    );
+    let mut got = vec![0u8; early_b.len()];
+    tokio::time::timeout(T, a.read_exact(&mut got)).await??;
+    assert_eq!(
+        got, early_b,
+        "bytes sent with the hello reach the other side"
+    );
+
+    // The allocation is counted under its path.
+    let (code, metrics) = netport_common::admin::get(&admin, "/metrics").await?;
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains(&format!("allocations_opened_total{{path=\"{label}\"}} 1")),
+        "no allocation counted under {label}:\n{metrics}"
+    );
+
+    let (big, small) = (256usize << 20, 32usize << 20);
+    let (ar, aw) = a.into_split();
+    let (br, bw) = b.into_split();
+    let runs = tokio::spawn(async move {
+        tokio::try_join!(
+            send_pattern(aw, big),
+            send_pattern(bw, small),
+            expect_pattern(br, big),
+            expect_pattern(ar, small),
+        )
+    });
+    tokio::time::timeout(Duration::from_secs(120), runs)
+        .await
+        .context("256 MiB did not cross the relay within 120 s")??
+        .with_context(|| std::fs::read_to_string(&s.log).unwrap_or_default())?;
+    match s.conn.recv(T).await? {
+        Message::AllocationClosed {
+            alloc_id: 20,
+            bytes_a_to_b,
+            bytes_b_to_a,
+            reason,
+        } => {
+            assert_eq!(reason, "closed");
+            assert_eq!(bytes_a_to_b, (big + early_a.len()) as u64);
+            assert_eq!(bytes_b_to_a, (small + early_b.len()) as u64);
+        }
+        other => bail!("expected allocation_closed, got {other:?}"),
+    }
+    let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+    assert!(
+        log.contains(&format!("path=\"{label}\"")) || log.contains(&format!("path={label}")),
+        "the log names the path {label}:\n{log}"
+    );
+    if path == "sockmap" {
+        // Proof that the kernel, not relayd, carried the bulk: the program's own counters.
+        let kernel = |key: &str| -> u64 {
+            log.split(&format!("{key}="))
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        assert!(
+            kernel("kernel_a_to_b") >= big as u64 && kernel("kernel_b_to_a") >= small as u64,
+            "the sockmap program's counters should cover the bulk:\n{log}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splice_path_carries_256_mib_early_bytes_and_closes_both_ways() -> Result<()> {
+    fast_path_carries_and_closes("splice", "tcp-splice").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockmap_path_carries_256_mib_early_bytes_and_closes_both_ways() -> Result<()> {
+    if !netport_e2e::netns::is_root() {
+        let msg = "SKIPPED sockmap_path_carries_256_mib_early_bytes_and_closes_both_ways: loading the sockmap program needs root (CAP_BPF and CAP_NET_ADMIN); CI runs it as root";
+        println!("{msg}");
+        eprintln!("{msg}");
+        return Ok(());
+    }
+    fast_path_carries_and_closes("sockmap", "tcp-sockmap").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_path_carries_256_mib_early_bytes_and_closes_both_ways() -> Result<()> {
+    fast_path_carries_and_closes("copy", "tcp-userspace").await
+}
+
+/// Without CAP_BPF the sockmap program cannot load: relayd says why in one line and copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockmap_without_capabilities_falls_back_to_copy_and_says_why() -> Result<()> {
+    let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let Some(setpriv) = setpriv.filter(|_| netport_e2e::netns::is_root()) else {
+        let msg = "SKIPPED sockmap_without_capabilities_falls_back_to_copy_and_says_why: needs root and setpriv (to drop the capabilities a non-root relayd lacks); CI runs it as root";
+        println!("{msg}");
+        eprintln!("{msg}");
+        return Ok(());
+    };
+    let no_caps = [setpriv, "--bounding-set=-all", "--inh-caps=-all"];
+    let mut s = start_relay_with(5, "tcp_fast_path = \"sockmap\"\n", &no_caps).await?;
+    let (ta, tb) = ([13u8; 32], [14u8; 32]);
+    let (pa, pb) = allocate(&mut s.conn, 21, &ta, &tb, 10_000).await?;
+    let mut a = join(pa, &ta).await?;
+    let mut b = join(pb, &tb).await?;
+    assert_eq!(&answer(&mut a).await?, READY);
+    assert_eq!(&answer(&mut b).await?, READY);
+    a.write_all(b"through").await?;
+    let mut got = [0u8; 7];
+    tokio::time::timeout(T, b.read_exact(&mut got)).await??;
+    assert_eq!(&got, b"through");
+
+    let (ar, aw) = a.into_split();
+    let (br, bw) = b.into_split();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::try_join!(
+            send_pattern(aw, 1 << 20),
+            send_pattern(bw, 1 << 20),
+            expect_pattern(br, 1 << 20),
+            expect_pattern(ar, 1 << 20),
+        )
+    })
+    .await
+    .context("1 MiB each way did not cross within 60 s")??;
+    let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+    let why: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("TCP sockmap fast path unavailable"))
+        .collect();
+    assert_eq!(why.len(), 1, "one line says why:\n{log}");
+    assert!(
+        why[0].contains("CAP_BPF"),
+        "the reason names the capability: {}",
+        why[0]
+    );
+    assert!(log.contains("path=\"tcp-userspace\""), "{log}");
+    Ok(())
+}
+
+/// Test 4 of issue 5 on the namespace topology (peers X and Y each joined by veth to the
+/// relay's namespace, forwarded traffic dropped there): 256 MiB X to Y and 32 MiB back
+/// through a sockmap allocation, bytes sent with the hello first, both ends closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockmap_across_namespaces_carries_256_mib_and_closes_both_ways() -> Result<()> {
+    use netport_e2e::netns::{Netns, Topology, skip_unless_root, start_relay};
+    if skip_unless_root("sockmap_across_namespaces_carries_256_mib_and_closes_both_ways") {
+        return Ok(());
+    }
+    let topo = Topology::new()?;
+    let mut relay = start_relay(&topo, "tcp_fast_path = \"sockmap\"").await?;
+    let (ta, tb) = ([15u8; 32], [16u8; 32]);
+    let (pa, pb) = allocate(&mut relay.conn, 30, &ta, &tb, 10_000).await?;
+    let dial = |ns: &Netns, to: String, first: Vec<u8>| {
+        ns.enter(move || -> Result<std::net::TcpStream> {
+            use std::io::Write;
+            let mut s = std::net::TcpStream::connect(&to)?;
+            s.write_all(&first)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+    };
+    let early = b"with the hello".to_vec();
+    let a = dial(
+        &topo.x,
+        format!("{}:{pa}", Topology::RELAY_X),
+        [encode_hello(&ta).as_slice(), &early].concat(),
+    )??;
+    let b = dial(
+        &topo.y,
+        format!("{}:{pb}", Topology::RELAY_Y),
+        [encode_hello(&tb).as_slice(), &early].concat(),
+    )??;
+    let (mut a, mut b) = (TcpStream::from_std(a)?, TcpStream::from_std(b)?);
+    assert_eq!(&answer(&mut a).await?, READY);
+    assert_eq!(&answer(&mut b).await?, READY);
+    for side in [&mut a, &mut b] {
+        let mut got = vec![0u8; early.len()];
+        tokio::time::timeout(T, side.read_exact(&mut got)).await??;
+        assert_eq!(got, early, "bytes sent with the hello crossed first");
+    }
+    let (big, small) = (256usize << 20, 32usize << 20);
+    let (ar, aw) = a.into_split();
+    let (br, bw) = b.into_split();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::try_join!(
+            send_pattern(aw, big),
+            send_pattern(bw, small),
+            expect_pattern(br, big),
+            expect_pattern(ar, small),
+        )
+    })
+    .await
+    .context("256 MiB did not cross within 120 s")?
+    .with_context(|| relay.daemon.log_text())?;
+    match relay.conn.recv(T).await? {
+        Message::AllocationClosed {
+            alloc_id: 30,
+            bytes_a_to_b,
+            bytes_b_to_a,
+            reason,
+        } => {
+            assert_eq!(reason, "closed");
+            assert_eq!(bytes_a_to_b, (big + early.len()) as u64);
+            assert_eq!(bytes_b_to_a, (small + early.len()) as u64);
+        }
+        other => bail!("expected allocation_closed, got {other:?}"),
+    }
+    let log = relay.daemon.log_text();
+    assert!(log.contains("path=\"tcp-sockmap\""), "{log}");
+    assert!(
+        log.contains("kernel_a_to_b=268435"),
+        "the kernel carried the bulk:\n{log}"
+    );
     Ok(())
 }
