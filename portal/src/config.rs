@@ -37,8 +37,9 @@ pub struct PortalToml {
     /// connection beyond it, and the link goes on (default 1024, at most 16384).
     #[serde(default = "default_max_streams")]
     pub max_streams_per_link: usize,
-    /// Links over QUIC through a relay UDP pair: `auto` (default) tries QUIC first and falls
-    /// back to the TCP pair; `off` uses TCP only (as a serving portal too).
+    /// Links over QUIC through a relay UDP pair: `udp` (default) tries QUIC first for links
+    /// set up by a UDP service, `auto` for every link, each falling back to the TCP pair;
+    /// `off` uses TCP only (as a serving portal too).
     #[serde(default)]
     pub quic: QuicMode,
     /// Milliseconds a client portal gives the QUIC attempt (relay hello and handshake)
@@ -53,11 +54,26 @@ pub struct PortalToml {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum QuicMode {
-    /// QUIC when the relay's UDP pair works, else TCP.
-    #[default]
+    /// Every link over QUIC when the relay's UDP pair works, else TCP.
     Auto,
+    /// Links for UDP services over QUIC (datagrams, no head-of-line blocking), links for
+    /// TCP services over TCP (faster for byte streams through a userspace relay); a serving
+    /// portal takes either.
+    #[default]
+    Udp,
     /// TCP links only.
     Off,
+}
+
+impl QuicMode {
+    /// Whether a client link for a service carried over `transport` tries QUIC first.
+    pub fn tries(self, transport: netport_proto::control::Transport) -> bool {
+        match self {
+            QuicMode::Auto => true,
+            QuicMode::Udp => transport == netport_proto::control::Transport::Udp,
+            QuicMode::Off => false,
+        }
+    }
 }
 
 fn default_quic_timeout() -> u64 {

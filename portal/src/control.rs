@@ -56,7 +56,7 @@ async fn session(
         role: PeerRole::Portal,
         versions: vec![VERSION],
         software: match portal.config.quic {
-            crate::config::QuicMode::Auto => format!(
+            crate::config::QuicMode::Auto | crate::config::QuicMode::Udp => format!(
                 "portal/{} {}",
                 env!("CARGO_PKG_VERSION"),
                 netport_proto::control::QUIC_CAPABILITY

@@ -379,10 +379,14 @@ pub(crate) async fn refuse<S: AsyncWrite + Unpin>(s: &mut S, code: u8, msg: &str
 
 /// The link to the portal serving `spec`, set up on first use.
 async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<ClientLink> {
-    let slot = lock(&portal.links.client)
-        .entry(spec.serving_portal.clone())
-        .or_default()
-        .clone();
+    // With `quic = "udp"`, UDP services get a link of their own (over QUIC) and TCP
+    // services theirs (over TCP), so neither rides the other's transport.
+    let key = if portal.config.quic == QuicMode::Udp && spec.transport == Transport::Udp {
+        format!("{} udp", spec.serving_portal)
+    } else {
+        spec.serving_portal.clone()
+    };
+    let slot = lock(&portal.links.client).entry(key).or_default().clone();
     let mut guard = slot.lock().await;
     if let Some(link) = guard.as_ref()
         && !link.dead.load(Ordering::Relaxed)
@@ -454,7 +458,7 @@ async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Client
         return Ok(link);
     }
     let expected = Identity::new(Role::Portal, peer.clone())?;
-    let quic = quic.filter(|_| portal.config.quic == QuicMode::Auto);
+    let quic = quic.filter(|_| portal.config.quic.tries(spec.transport));
     let route = format!("{}/{peer}", relay.relay);
     let failed = lock(&portal.links.quic_failed)
         .get(&route)
@@ -602,7 +606,7 @@ pub async fn serve_incoming(
     quic: Option<QuicPath>,
 ) -> Result<()> {
     let expected = Identity::new(Role::Portal, peer.clone())?;
-    let quic = quic.filter(|_| portal.config.quic == QuicMode::Auto);
+    let quic = quic.filter(|_| portal.config.quic != QuicMode::Off);
     let grants = Arc::new(RwLock::new(grants));
     let streams: OpenStreams = Arc::default();
     let (g, st, p) = (grants.clone(), streams.clone(), portal.clone());

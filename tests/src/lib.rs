@@ -431,13 +431,19 @@ impl System {
         relay_address: &str,
         layout: Layout,
     ) -> Result<System> {
-        Self::start_full(pki, policy, portals, relays, relay_address, layout, false)
+        Self::start_full(pki, policy, portals, relays, relay_address, layout, None)
     }
 
-    /// Like [`System::start`], with links over QUIC (`quic = "auto"`, the product default)
-    /// where the other starters set `quic = "off"` (their tests watch the TCP link: relay
-    /// splices, descriptors, connection close).
+    /// Like [`System::start`], with every link over QUIC (`quic = "auto"`) where the other
+    /// starters set `quic = "off"` (their tests watch the TCP link: relay splices,
+    /// descriptors, connection close).
     pub fn start_quic(policy: &str, portals: &[&str]) -> Result<System> {
+        Self::start_quic_mode(policy, portals, Some("auto"))
+    }
+
+    /// Like [`System::start`], with the portals' `quic` key set to `mode`, or left out
+    /// (the product default) with `None`.
+    pub fn start_quic_mode(policy: &str, portals: &[&str], mode: Option<&str>) -> Result<System> {
         Self::start_full(
             Pki::new()?,
             policy,
@@ -445,7 +451,7 @@ impl System {
             1,
             "127.0.0.1",
             Layout::Plain,
-            true,
+            Some(mode),
         )
     }
 
@@ -456,13 +462,13 @@ impl System {
         relays: usize,
         relay_address: &str,
         layout: Layout,
-        quic: bool,
+        quic: Option<Option<&str>>,
     ) -> Result<System> {
         // A generous QUIC budget: a busy machine must not turn a QUIC test into a fallback.
-        let quic = if quic {
-            "quic = \"auto\"\nquic_timeout_ms = 10000\n"
-        } else {
-            "quic = \"off\"\n"
+        let quic = match quic {
+            None => "quic = \"off\"\n".to_string(),
+            Some(None) => "quic_timeout_ms = 10000\n".to_string(),
+            Some(Some(mode)) => format!("quic = \"{mode}\"\nquic_timeout_ms = 10000\n"),
         };
         let dir = pki.dir.path().to_path_buf();
         let policy_dir = dir.join("policy");

@@ -1,6 +1,7 @@
 //! Links over QUIC on loopback: the relay gives a UDP pair beside the TCP pair, the portals
-//! run the link over QUIC through it (the product default, `quic = "auto"`), TCP channels
-//! are QUIC streams and UDP flows ride the same link; logs and metrics say `quic`.
+//! run the link over QUIC through it (`quic = "auto"`), TCP channels are QUIC streams and UDP
+//! flows ride the same link; logs and metrics say `quic`. With the default (`quic = "udp"`),
+//! UDP services get a QUIC link and TCP services a TCP link.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -355,6 +356,62 @@ async fn a_portal_without_quic_is_offered_no_udp_pair() -> Result<()> {
     ensure!(
         !relay.contains("transport=Udp"),
         "the relay allocated a UDP pair:\n{relay}"
+    );
+    Ok(())
+}
+
+/// The default, `quic = "udp"`: a UDP service's flows get a link over QUIC, a TCP service's
+/// connections a link over TCP (faster for byte streams through a userspace relay), side by
+/// side to the same serving portal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_udp_services_take_a_quic_link_and_tcp_services_a_tcp_link() -> Result<()> {
+    let tcp = echo_service().await?;
+    let udp = udp_echo().await?;
+    let (port, _) = netport_e2e::free_port_range(2)?;
+    let sys = System::start_quic_mode(&policy(tcp, udp, port), &["alice", "nas"], None)?;
+    sys.wait_ready().await?;
+    let listen = format!("127.0.0.1:{port}");
+    wait_listening(&listen, T).await?;
+    echo_round(&listen, 256 << 10, 1)
+        .await
+        .with_context(|| sys.logs())?;
+    let client = UdpSocket::bind("127.0.0.1:0").await?;
+    let to = format!("127.0.0.1:{}", port + 1);
+    let mut buf = vec![0u8; 65_536];
+    for i in 0..20u32 {
+        let data = pattern(1000, i);
+        let n = loop {
+            client.send_to(&data, &to).await?;
+            match tokio::time::timeout(Duration::from_secs(2), client.recv_from(&mut buf)).await {
+                Ok(r) => break r?.0,
+                Err(_) if i == 0 => continue,
+                Err(_) => anyhow::bail!("no echo of datagram {i}:\n{}", sys.logs()),
+            }
+        };
+        ensure!(buf[..n] == data[..], "datagram {i} changed");
+    }
+    // From the log, not the links gauge: the TCP link may idle out (3 s) meanwhile.
+    let alice = sys.log("portal-alice");
+    let up = |transport: &str| {
+        alice
+            .lines()
+            .filter(|l| {
+                l.contains(" link up")
+                    && !l.contains("serving link up")
+                    && l.contains(&format!("link_transport={transport}"))
+            })
+            .count()
+    };
+    ensure!(
+        up("tcp") == 1 && up("quic") == 1,
+        "client links: {} over TCP, {} over QUIC (one each expected):\n{}",
+        up("tcp"),
+        up("quic"),
+        sys.logs()
+    );
+    ensure!(
+        !alice.contains("falling back to TCP"),
+        "the UDP service's link fell back to TCP on loopback:\n{alice}"
     );
     Ok(())
 }
