@@ -115,7 +115,8 @@ pub fn run(args: Args) -> Result<()> {
         .build()?;
     let sink = Sink::start()?;
     let (port, _) = netport_e2e::free_port_range(1)?;
-    let sys = System::start(&policy(sink.addr, port), &["alice", "nas"])?;
+    // The portals as shipped: `quic = "udp"`, so this UDP service gets a link over QUIC.
+    let sys = System::start_quic_mode(&policy(sink.addr, port), &["alice", "nas"], None)?;
     rt.block_on(async {
         sys.wait_ready().await?;
         wait_log(

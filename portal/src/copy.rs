@@ -9,7 +9,10 @@
 
 use std::io;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// The buffer each direction starts with.
 const START_BUF: usize = 1024;
@@ -40,19 +43,36 @@ where
     let mut buf = vec![0u8; START_BUF];
     let mut total = 0u64;
     loop {
-        let n = r.read(&mut buf).await?;
+        // A writer may hold bytes back until flushed (a multiplexed stream, TLS): flush
+        // whenever there is nothing more to read yet, so the peer sees every byte before
+        // this side waits, and a bulk transfer is not flushed after every buffer.
+        let n = match read_now(&mut r, &mut buf) {
+            Some(n) => n?,
+            None => {
+                w.flush().await?;
+                r.read(&mut buf).await?
+            }
+        };
         if n == 0 {
             w.shutdown().await?;
             return Ok(total);
         }
         w.write_all(&buf[..n]).await?;
-        // A writer may hold bytes back until flushed (a multiplexed stream, TLS): the peer
-        // must see them before this side waits for more.
-        w.flush().await?;
         total += n as u64;
         if n == buf.len() && buf.len() < MAX_BUF {
             buf.resize(buf.len() * 2, 0);
         }
+    }
+}
+
+/// A read that is ready now, or `None` when it would have to wait.
+fn read_now<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Option<io::Result<usize>> {
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut rb = ReadBuf::new(buf);
+    match Pin::new(r).poll_read(&mut cx, &mut rb) {
+        Poll::Ready(Ok(())) => Some(Ok(rb.filled().len())),
+        Poll::Ready(Err(e)) => Some(Err(e)),
+        Poll::Pending => None,
     }
 }
 
