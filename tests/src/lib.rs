@@ -795,6 +795,19 @@ pub async fn echo_service() -> Result<SocketAddr> {
     Ok(addr)
 }
 
+/// A UDP echo service on loopback: every datagram goes back to its sender, unchanged.
+pub async fn udp_echo() -> Result<SocketAddr> {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let addr = sock.local_addr()?;
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            let _ = sock.send_to(&buf[..n], from).await;
+        }
+    });
+    Ok(addr)
+}
+
 /// A control connection made by hand with `creds`: TLS, then hello as a portal.
 pub async fn portal_session(creds: &Credentials, server: SocketAddr) -> Result<ControlClient> {
     portal_session_as(creds, server, "test").await

@@ -70,6 +70,26 @@ async fn setup(target: &str, real_alice: bool) -> Result<Setup> {
     })
 }
 
+/// Restarts the real `nas` portal and waits until netportd has its second session.
+async fn restart_nas_and_wait(sys: &mut System, when: &str) -> Result<()> {
+    sys.daemon("portal-nas")?.restart()?;
+    let deadline = tokio::time::Instant::now() + T;
+    while sys
+        .log("netportd")
+        .matches("portal connected portal=nas ")
+        .count()
+        < 2
+    {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the real portal did not get in {when}:\n{}",
+            sys.log("portal-nas")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 /// Whether the peer closed `c` (EOF or error) within `within`.
 async fn closed(c: &mut ControlClient, within: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + within;
@@ -170,22 +190,7 @@ async fn a_thousand_stalled_tls_handshakes_do_not_keep_a_real_portal_out() -> Re
         stalled.push(t);
     }
     // A real portal (the binary) restarts now and gets in while all of them are held.
-    s.sys.daemon("portal-nas")?.restart()?;
-    let deadline = tokio::time::Instant::now() + T;
-    while s
-        .sys
-        .log("netportd")
-        .matches("portal connected portal=nas ")
-        .count()
-        < 2
-    {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the real portal did not get in:\n{}",
-            s.sys.log("portal-nas")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    restart_nas_and_wait(&mut s.sys, "while the stalled handshakes are held").await?;
     let mut probe = [0u8; 1];
     let still_held = stalled
         .iter()
@@ -609,22 +614,7 @@ async fn connections_beyond_the_unauthenticated_limit_are_closed_at_once() -> Re
             .ok();
     }
     drop(held);
-    s.sys.daemon("portal-nas")?.restart()?;
-    let deadline = tokio::time::Instant::now() + T;
-    while s
-        .sys
-        .log("netportd")
-        .matches("portal connected portal=nas ")
-        .count()
-        < 2
-    {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the real portal did not get in after the flood:\n{}",
-            s.sys.log("portal-nas")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    restart_nas_and_wait(&mut s.sys, "after the flood").await?;
     assert!(!s.sys.log("netportd").contains("panicked"));
     Ok(())
 }

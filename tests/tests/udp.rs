@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use netport_e2e::{Daemon, System, wait_log};
+use netport_e2e::{Daemon, System, udp_echo, wait_log};
 use netport_proto::identity::Role;
 use tokio::net::UdpSocket;
 
@@ -34,19 +34,6 @@ listen = "127.0.0.1:{listen_port}"
 service = "dns-ish"
 "#
     )
-}
-
-/// A UDP echo service: every datagram goes back to its sender, unchanged.
-async fn udp_echo() -> Result<SocketAddr> {
-    let sock = UdpSocket::bind("127.0.0.1:0").await?;
-    let addr = sock.local_addr()?;
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-            let _ = sock.send_to(&buf[..n], from).await;
-        }
-    });
-    Ok(addr)
 }
 
 /// A payload of `len` bytes that names its sender and sequence number.

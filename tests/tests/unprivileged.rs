@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use netport_e2e::{System, echo_service, unprivileged, wait_listening, wait_log};
+use netport_e2e::{System, echo_service, udp_echo, unprivileged, wait_listening, wait_log};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -52,18 +52,6 @@ listen = "127.0.0.1:{udp}"
 service = "udp-echo"
 "#
     )
-}
-
-async fn udp_echo() -> Result<SocketAddr> {
-    let sock = UdpSocket::bind("127.0.0.1:0").await?;
-    let addr = sock.local_addr()?;
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-            let _ = sock.send_to(&buf[..n], from).await;
-        }
-    });
-    Ok(addr)
 }
 
 /// The effective uid of a process, from /proc.
