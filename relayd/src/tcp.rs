@@ -305,8 +305,9 @@ impl Joined<'_> {
         tracing::info!(
             kernel_a_to_b = kernel_ab,
             kernel_b_to_a = kernel_ba,
-            relayd_a_to_b = early_ab + ab,
-            relayd_b_to_a = early_ba + ba,
+            // Everything relayd forwarded itself: before the join too.
+            relayd_a_to_b = before.0 + early_ab + ab,
+            relayd_b_to_a = before.1 + early_ba + ba,
             "sockmap pair ended: bytes redirected by the kernel and forwarded by relayd"
         );
         Ok((early_ab + ab + kernel_ab, early_ba + ba + kernel_ba))
