@@ -217,7 +217,8 @@ pub async fn carry(
             let LinkOpener::Legacy(o) = &link.opener else {
                 bail!("internal: a legacy channel on a native link");
             };
-            let carried = o.carry(&spec.service, tcp).await;
+            // Boxed: a legacy link's state must not make every native stream's future as large.
+            let carried = Box::pin(o.carry(&spec.service, tcp)).await;
             drop(guard);
             return carried;
         }
@@ -291,7 +292,9 @@ async fn open_channel_with(
     let mut guard = None;
     let mut link_id = 0;
     for _ in 0..2 {
-        let link = client_link(portal, spec).await?;
+        // Boxed: setting a link up (TLS or QUIC handshakes) takes a large future, and an
+        // inline one would make every connection's task that large for its whole life.
+        let link = Box::pin(client_link(portal, spec)).await?;
         let active = Active::new(&link.active);
         let max = portal.config.max_streams_per_link;
         if link.active.load(Ordering::Relaxed) > max {
@@ -742,7 +745,15 @@ async fn serve_stream(
             datagrams,
             stats: &portal.stats,
         };
-        return crate::udp::serve(flow, streams, service, &target, portal.config.udp).await;
+        // Boxed: the UDP flow's state must not make every TCP stream's future as large.
+        return Box::pin(crate::udp::serve(
+            flow,
+            streams,
+            service,
+            &target,
+            portal.config.udp,
+        ))
+        .await;
     }
     // A TCP channel takes no datagrams.
     drop(datagrams);
