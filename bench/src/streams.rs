@@ -39,7 +39,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let bins = netport_bin_dir(args.bin_dir.as_deref())?;
     let need = args.streams as u64 + 512;
-    let soft = open_file_limit()?;
+    let soft = netport_e2e::open_file_limit()?;
     if soft < need {
         bail!(
             "the open files limit is {soft}, below the {need} this run needs in each process: \
@@ -56,17 +56,6 @@ pub fn run(args: Args) -> Result<()> {
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted; child processes stopped")),
         }
     })
-}
-
-/// The soft limit on open files of this process (children inherit it).
-fn open_file_limit() -> Result<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits")?;
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .context("no open files line in /proc/self/limits")?;
-    let soft = line.split_whitespace().nth(3).context("no soft limit")?;
-    Ok(soft.parse().unwrap_or(u64::MAX))
 }
 
 /// The hidden `echo-service` command: the benchmark's echo service on `listen`, until killed.

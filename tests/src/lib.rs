@@ -431,7 +431,15 @@ impl System {
         relay_address: &str,
         layout: Layout,
     ) -> Result<System> {
-        Self::start_full(pki, policy, portals, relays, relay_address, layout, None)
+        Self::start_full(
+            pki,
+            policy,
+            portals,
+            relays,
+            relay_address,
+            layout,
+            "quic = \"off\"\n",
+        )
     }
 
     /// Like [`System::start`], with every link over QUIC (`quic = "auto"`) where the other
@@ -444,6 +452,10 @@ impl System {
     /// Like [`System::start`], with the portals' `quic` key set to `mode`, or left out
     /// (the product default) with `None`.
     pub fn start_quic_mode(policy: &str, portals: &[&str], mode: Option<&str>) -> Result<System> {
+        // A generous QUIC budget: a busy machine must not turn a QUIC test into a fallback.
+        let mode = mode
+            .map(|m| format!("quic = \"{m}\"\n"))
+            .unwrap_or_default();
         Self::start_full(
             Pki::new()?,
             policy,
@@ -451,10 +463,11 @@ impl System {
             1,
             "127.0.0.1",
             Layout::Plain,
-            Some(mode),
+            &format!("{mode}quic_timeout_ms = 10000\n"),
         )
     }
 
+    /// `quic`: the portals' QUIC lines for portal.toml.
     fn start_full(
         pki: Pki,
         policy: &str,
@@ -462,14 +475,8 @@ impl System {
         relays: usize,
         relay_address: &str,
         layout: Layout,
-        quic: Option<Option<&str>>,
+        quic: &str,
     ) -> Result<System> {
-        // A generous QUIC budget: a busy machine must not turn a QUIC test into a fallback.
-        let quic = match quic {
-            None => "quic = \"off\"\n".to_string(),
-            Some(None) => "quic_timeout_ms = 10000\n".to_string(),
-            Some(Some(mode)) => format!("quic = \"{mode}\"\nquic_timeout_ms = 10000\n"),
-        };
         let dir = pki.dir.path().to_path_buf();
         let policy_dir = dir.join("policy");
         let mut ranges = Vec::new();
@@ -793,6 +800,38 @@ pub async fn echo_service() -> Result<SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+/// The numeric `name=value` field of every log line containing `needle`, in order.
+pub fn log_fields(log: &str, needle: &str, name: &str) -> Vec<u64> {
+    let key = format!(" {name}=");
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| {
+            let at = l.find(&key)? + key.len();
+            l[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// The numeric `name=value` field of the first log line containing `needle` (and the field).
+pub fn log_field(log: &str, needle: &str, name: &str) -> Option<u64> {
+    log_fields(log, needle, name).first().copied()
+}
+
+/// The soft limit on open files of this process (the processes it starts inherit it).
+pub fn open_file_limit() -> Result<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits")?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("no open files line in /proc/self/limits")?;
+    let soft = line.split_whitespace().nth(3).context("no soft limit")?;
+    Ok(soft.parse().unwrap_or(u64::MAX))
 }
 
 /// A UDP echo service on loopback: every datagram goes back to its sender, unchanged.

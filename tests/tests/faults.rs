@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use netport_e2e::{System, echo_service, wait_listening, wait_log};
+use netport_e2e::{System, echo_service, log_fields, wait_listening, wait_log};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -163,21 +163,6 @@ async fn a_killed_portal_frees_its_allocation_and_its_session() -> Result<()> {
     Ok(())
 }
 
-/// The `link_id` of every "link allocated" line in a netportd log.
-fn link_ids(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter(|l| l.contains("link allocated"))
-        .filter_map(|l| {
-            let at = l.find(" link_id=")? + " link_id=".len();
-            l[at..]
-                .split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
 /// Links outlive netportd, so a restarted netportd must not hand a new link the id of one
 /// still running: the relay would refuse the allocation as in use, and a portal would mix
 /// up its served links.
@@ -227,7 +212,7 @@ service = "cam-echo"
     round(&mut held, 1, 64 << 10)
         .await
         .with_context(|| sys.logs())?;
-    let before = link_ids(&sys.log("netportd"));
+    let before = log_fields(&sys.log("netportd"), "link allocated", "link_id");
     anyhow::ensure!(
         before.len() == 1,
         "one link expected before the restart: {before:?}"
@@ -245,7 +230,7 @@ service = "cam-echo"
     round(&mut held, 3, 64 << 10)
         .await
         .with_context(|| sys.logs())?;
-    let all = link_ids(&sys.log("netportd"));
+    let all = log_fields(&sys.log("netportd"), "link allocated", "link_id");
     anyhow::ensure!(all.len() == 2, "two links expected in all: {all:?}");
     anyhow::ensure!(
         all[1] != all[0],

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use netport_e2e::netns::Netns;
 use netport_e2e::netns::{Topology, skip_unless_root};
-use netport_e2e::{Daemon, Daemons, Metrics, Pki, wait_log};
+use netport_e2e::{Daemon, Daemons, Metrics, Pki, log_field, wait_log};
 use netport_proto::identity::Role;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
@@ -333,17 +333,6 @@ fn metrics_in(ns: &Netns) -> Result<Metrics> {
         .split_once("\r\n\r\n")
         .with_context(|| format!("not an HTTP answer: {text}"))?;
     Metrics::parse(body)
-}
-
-/// A numeric `name=value` field of the first log line containing `needle`.
-fn log_field(log: &str, needle: &str, name: &str) -> Option<u64> {
-    let line = log.lines().find(|l| l.contains(needle))?;
-    let at = line.find(&format!(" {name}="))? + name.len() + 2;
-    line[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
 }
 
 const DATAGRAMS: u32 = 10_000;

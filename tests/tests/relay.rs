@@ -533,13 +533,8 @@ async fn fast_path_carries_and_closes(path: &str, label: &str) -> Result<()> {
     );
     if path == "sockmap" {
         // Proof that the kernel, not relayd, carried the bulk: the program's own counters.
-        let kernel = |key: &str| -> u64 {
-            log.split(&format!("{key}="))
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0)
-        };
+        let kernel =
+            |key: &str| netport_e2e::log_field(&log, "sockmap pair ended", key).unwrap_or(0);
         // Not all of each direction: what a side sends before the sockets join the map
         // (it starts at once) is forwarded by relayd, and on a loaded machine the join
         // takes a while. The 256 MiB direction is mostly the kernel's all the same; the

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use netport_e2e::log_field;
 use netport_e2e::netns::{
     Relay, Topology, join, register, skip_unless_root, start_relay, start_relay_wrapped,
 };
@@ -33,17 +34,6 @@ async fn recv_from(sock: &UdpSocket, buf: &mut [u8]) -> Result<(usize, SocketAdd
         .await
         .context("a datagram did not arrive within 5 s")?
         .map_err(Into::into)
-}
-
-/// A numeric `name=value` field of the first log line containing `needle`.
-fn log_field(log: &str, needle: &str, name: &str) -> Option<u64> {
-    let line = log.lines().find(|l| l.contains(needle))?;
-    let at = line.find(&format!(" {name}="))? + name.len() + 2;
-    line[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// Prints the relay's path lines (visible with `--nocapture`).
