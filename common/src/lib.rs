@@ -103,6 +103,26 @@ pub fn init_logs(format: LogFormat) {
     }
 }
 
+/// Raises this process's open-files limit (RLIMIT_NOFILE) from its soft value to the hard
+/// one, as Go programs do at start: every tunnelled connection holds two descriptors, and
+/// the common soft default of 1,024 would cap a daemon at a few hundred connections.
+/// Logs the limit it runs with; a failure only logs.
+pub fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "open files limit raised"),
+            Err(e) => tracing::warn!(soft, hard, "cannot raise the open files limit: {e}"),
+        },
+        Ok((soft, _)) if soft < 65_536 => tracing::warn!(
+            limit = soft,
+            "the open files limit is low: each connection holds two descriptors (raise LimitNOFILE or ulimit -Hn)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read the open files limit: {e}"),
+    }
+}
+
 /// A daemon's `main`: logs, a configuration validated before anything else (exit 2 on a bad
 /// one), a runtime, and `run` until SIGTERM or Ctrl-C (exit 0) or a failure (exit 1).
 pub fn daemon_main<C, F, Fut>(
@@ -116,6 +136,7 @@ where
 {
     use std::process::ExitCode;
     init_logs(log);
+    raise_open_files_limit();
     let config = match load() {
         Ok(c) => c,
         Err(e) => {

@@ -439,6 +439,27 @@ impl System {
             relay_address,
             layout,
             "quic = \"off\"\n",
+            "",
+        )
+    }
+
+    /// Like [`System::start_in`] with one relay on 127.0.0.1, with `netportd_extra` (TOML
+    /// lines) added to netportd.toml.
+    pub fn start_tuned(
+        pki: Pki,
+        policy: &str,
+        portals: &[&str],
+        netportd_extra: &str,
+    ) -> Result<System> {
+        Self::start_full(
+            pki,
+            policy,
+            portals,
+            1,
+            "127.0.0.1",
+            Layout::Plain,
+            "quic = \"off\"\n",
+            netportd_extra,
         )
     }
 
@@ -464,10 +485,13 @@ impl System {
             "127.0.0.1",
             Layout::Plain,
             &format!("{mode}quic_timeout_ms = 10000\n"),
+            "",
         )
     }
 
-    /// `quic`: the portals' QUIC lines for portal.toml.
+    /// `quic`: the portals' QUIC lines for portal.toml; `netportd_extra`: lines for
+    /// netportd.toml.
+    #[allow(clippy::too_many_arguments)]
     fn start_full(
         pki: Pki,
         policy: &str,
@@ -476,6 +500,7 @@ impl System {
         relay_address: &str,
         layout: Layout,
         quic: &str,
+        netportd_extra: &str,
     ) -> Result<System> {
         let dir = pki.dir.path().to_path_buf();
         let policy_dir = dir.join("policy");
@@ -512,7 +537,7 @@ impl System {
         std::fs::write(
             &cfg,
             format!(
-                "listen = [\"{server_addr}\"]\npolicy = \"{}\"\nheartbeat_secs = 2\naudit_log = \"audit.jsonl\"\n{}{}",
+                "listen = [\"{server_addr}\"]\npolicy = \"{}\"\nheartbeat_secs = 2\naudit_log = \"audit.jsonl\"\n{netportd_extra}{}{}",
                 policy_dir.display(),
                 admin_for("netportd")?,
                 tls(&server)

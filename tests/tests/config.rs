@@ -131,6 +131,16 @@ fn bad_configurations_exit_two_naming_the_key() {
             ),
             "server certificate",
         ),
+        (
+            "netportd",
+            vec!["run"],
+            format!(
+                "listen = [\"127.0.0.1:0\"]\npolicy = \"{}\"\nhandshake_timeout_secs = 0\n{}",
+                d.join("nope").display(),
+                tls(&good_cert)
+            ),
+            "handshake_timeout_secs",
+        ),
     ];
     for (i, (bin, pre, text, needle)) in cases.into_iter().enumerate() {
         let cfg = d.join(format!("case-{i}.toml"));

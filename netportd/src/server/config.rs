@@ -22,6 +22,10 @@ pub struct NetportdToml {
     /// Seconds between heartbeats (default 10); a peer silent for three is gone.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_secs: u32,
+    /// Seconds a new control connection has to finish its TLS handshake and say hello
+    /// (default 10); until then it counts against the 4,096 unauthenticated connections.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_secs: u32,
     /// Seconds a link's relay tokens stay valid (default 15).
     #[serde(default = "default_token_ttl")]
     pub token_ttl_secs: u64,
@@ -53,6 +57,10 @@ fn default_heartbeat() -> u32 {
     10
 }
 
+fn default_handshake_timeout() -> u32 {
+    10
+}
+
 fn default_token_ttl() -> u64 {
     15
 }
@@ -73,6 +81,8 @@ pub struct Config {
     pub policy: Option<Policy>,
     /// Heartbeat interval.
     pub heartbeat: Duration,
+    /// How long a new control connection may take to authenticate.
+    pub handshake_timeout: Duration,
     /// Token lifetime.
     pub token_ttl: Duration,
     /// Reload debounce.
@@ -104,6 +114,9 @@ impl Config {
         }
         if raw.heartbeat_secs == 0 {
             bail!("`heartbeat_secs` must be at least 1");
+        }
+        if raw.handshake_timeout_secs == 0 {
+            bail!("`handshake_timeout_secs` must be at least 1");
         }
         if raw.token_ttl_secs == 0 {
             bail!("`token_ttl_secs` must be at least 1");
@@ -138,6 +151,7 @@ impl Config {
             policy_dir,
             policy,
             heartbeat: Duration::from_secs(u64::from(raw.heartbeat_secs)),
+            handshake_timeout: Duration::from_secs(u64::from(raw.handshake_timeout_secs)),
             token_ttl: Duration::from_secs(raw.token_ttl_secs),
             debounce: Duration::from_millis(raw.reload_debounce_ms),
             credentials,

@@ -158,16 +158,16 @@ async fn session(
     config: &LegacyConfig,
 ) -> Result<()> {
     let _ = tcp.set_nodelay(true);
-    let stream = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+    let stream = tokio::time::timeout(server.handshake_timeout, acceptor.accept(tcp))
         .await
         .context("TLS handshake timed out")?
         .context("TLS handshake failed (wrong CA, expired or not-yet-valid certificate?)")?;
     let info = netport_proto::tls::peer_info(stream.get_ref().1.peer_certificates())
         .context("peer certificate")?;
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let login = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut rd))
+    let login = tokio::time::timeout(server.handshake_timeout, read_frame(&mut rd))
         .await
-        .context("no login within 10 s")??;
+        .with_context(|| format!("no login within {:?}", server.handshake_timeout))??;
     let (name, me) = match check_login(&server, &login, &info) {
         Ok(ok) => ok,
         Err(why) => {

@@ -111,6 +111,7 @@ pub struct Server {
     obs: Arc<Observe>,
     next_id: AtomicU64,
     heartbeat: Duration,
+    handshake_timeout: Duration,
     token_ttl: Duration,
     tls: Arc<tokio_rustls::rustls::ServerConfig>,
 }
@@ -536,6 +537,7 @@ pub async fn run(
         obs: obs.clone(),
         next_id: AtomicU64::new(first_id()),
         heartbeat: config.heartbeat,
+        handshake_timeout: config.handshake_timeout,
         token_ttl: config.token_ttl,
         tls: Arc::new(config.credentials.control_server()?),
     });

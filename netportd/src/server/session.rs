@@ -167,7 +167,7 @@ pub async fn handle(
     let _ = tcp.set_nodelay(true);
     let acceptor = tokio_rustls::TlsAcceptor::from(server.tls.clone());
     // A client that never finishes its handshake must not hold a task forever.
-    let stream = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+    let stream = tokio::time::timeout(server.handshake_timeout, acceptor.accept(tcp))
         .await
         .context("TLS handshake timed out")?
         .context("TLS handshake failed (wrong CA, expired or not-yet-valid certificate?)")?;
@@ -192,7 +192,7 @@ pub async fn handle(
         });
         anyhow!("refused {identity}: {message}")
     };
-    let hello = reader.next(Duration::from_secs(10)).await?;
+    let hello = reader.next(server.handshake_timeout).await?;
     drop(unauthenticated);
     let Some(Message::Hello {
         role,
