@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
+use crate::coalesce::Coalesce;
 use crate::config::MAX_STREAMS_PER_LINK;
 
 /// One multiplexed stream.
@@ -111,8 +112,11 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, mut rx) = mpsc::unbounded_channel::<Command>();
-    let mut conn =
-        yamux::Connection::new(io.compat(), config(client_limit(max)), yamux::Mode::Client);
+    let mut conn = yamux::Connection::new(
+        Coalesce::new(io).compat(),
+        config(client_limit(max)),
+        yamux::Mode::Client,
+    );
     tokio::spawn(async move {
         let mut queue: VecDeque<OpenReply> = VecDeque::new();
         let mut closing = false;
@@ -173,7 +177,11 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: FnMut(MuxStream),
 {
-    let mut conn = yamux::Connection::new(io.compat(), config(SERVER_LIMIT), yamux::Mode::Server);
+    let mut conn = yamux::Connection::new(
+        Coalesce::new(io).compat(),
+        config(SERVER_LIMIT),
+        yamux::Mode::Server,
+    );
     poll_fn(|cx| {
         loop {
             match conn.poll_next_inbound(cx) {
