@@ -155,64 +155,67 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn frames_flushed_one_by_one_reach_the_inner_writer_together_and_in_order() {
+    async fn frames_flushed_one_by_one_reach_the_inner_writer_together_and_in_order()
+    -> io::Result<()> {
         let mut c = Coalesce::new(Counting::default());
         let mut expected = Vec::new();
         for i in 0..10u8 {
             let header = [i; 12];
             let body = vec![i; 5000];
-            c.write_all(&header).await.unwrap();
-            c.write_all(&body).await.unwrap();
+            c.write_all(&header).await?;
+            c.write_all(&body).await?;
             expected.extend_from_slice(&header);
             expected.extend_from_slice(&body);
             // The first flush after new bytes only marks them.
-            std::future::poll_fn(|cx| Pin::new(&mut c).poll_flush(cx))
-                .await
-                .unwrap();
+            std::future::poll_fn(|cx| Pin::new(&mut c).poll_flush(cx)).await?;
         }
         assert!(c.get_ref().writes.is_empty(), "{:?}", c.get_ref().writes);
         // The second one, with nothing added in between, sends them in one write.
-        c.flush().await.unwrap();
+        c.flush().await?;
         assert_eq!(c.get_ref().writes, vec![expected.len()]);
         assert_eq!(c.get_ref().data, expected);
+        Ok(())
     }
 
     #[tokio::test]
-    async fn a_small_message_is_sent_at_the_first_flush() {
+    async fn a_small_message_is_sent_at_the_first_flush() -> io::Result<()> {
         let mut c = Coalesce::new(Counting::default());
-        c.write_all(&[1; 12]).await.unwrap();
-        c.write_all(&[2; 64]).await.unwrap();
-        c.flush().await.unwrap();
+        c.write_all(&[1; 12]).await?;
+        c.write_all(&[2; 64]).await?;
+        c.flush().await?;
         assert_eq!(c.get_ref().writes, vec![76]);
+        Ok(())
     }
 
     #[tokio::test]
-    async fn a_full_buffer_is_passed_on_and_large_writes_go_straight_through() {
+    async fn a_full_buffer_is_passed_on_and_large_writes_go_straight_through() -> io::Result<()> {
         let mut c = Coalesce::new(Counting::default());
         let chunk = vec![7u8; 16 * 1024];
         for _ in 0..4 {
-            c.write_all(&chunk).await.unwrap();
+            c.write_all(&chunk).await?;
         }
         // A fifth would overflow: the four go first, in one write.
-        c.write_all(&chunk).await.unwrap();
+        c.write_all(&chunk).await?;
         assert_eq!(c.get_ref().writes, vec![4 * chunk.len()]);
         let big = vec![9u8; CAPACITY];
-        c.write_all(&big).await.unwrap();
+        c.write_all(&big).await?;
         assert_eq!(
             c.get_ref().writes,
             vec![4 * chunk.len(), chunk.len(), CAPACITY]
         );
-        c.shutdown().await.unwrap();
+        c.shutdown().await?;
         assert_eq!(c.get_ref().data.len(), 5 * chunk.len() + CAPACITY);
+        Ok(())
     }
 
     #[tokio::test]
-    async fn reads_pass_through() {
+    async fn reads_pass_through() -> io::Result<()> {
         let (a, mut b) = tokio::io::duplex(64);
         let mut c = Coalesce::new(a);
-        b.write_all(b"hello").await.unwrap();
+        b.write_all(b"hello").await?;
         let mut got = [0u8; 5];
-        c.read_exact(&mut got).await.unwrap();
+        c.read_exact(&mut got).await?;
         assert_eq!(&got, b"hello");
+        Ok(())
     }
 }
