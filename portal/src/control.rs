@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use netport_proto::control::{Decoder, Message, PeerRole, VERSION, encode_message};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::{Portal, lock};
@@ -73,6 +73,11 @@ async fn session(
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     let mut last_heard = tokio::time::Instant::now();
     let mut seq = 0u64;
+    // Stream reports (one per closed connection) wait up to REPORTS_DELAY and go together:
+    // at thousands of connections a second, one write and one wake-up of netportd each
+    // would cost both sides more than the connections themselves.
+    let mut reports: Vec<u8> = Vec::new();
+    let mut report_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             n = rd.read(&mut buf) => {
@@ -127,7 +132,19 @@ async fn session(
                 }
             }
             Some(m) = rx.recv() => {
-                wr.write_all(&encode_message(&m)).await.context("writing to netportd")?;
+                let report = matches!(m, Message::StreamClosed { .. });
+                reports.extend_from_slice(&encode_message(&m));
+                if !report || reports.len() >= REPORTS_MAX {
+                    // Anything else goes at once, after the reports queued before it.
+                    send_reports(&mut wr, &mut reports).await?;
+                    report_at = None;
+                } else if report_at.is_none() {
+                    report_at = Some(tokio::time::Instant::now() + REPORTS_DELAY);
+                }
+            }
+            _ = sleep_until(report_at), if report_at.is_some() => {
+                send_reports(&mut wr, &mut reports).await?;
+                report_at = None;
             }
             _ = tick.tick() => {
                 if last_heard.elapsed() > heartbeat * 3 {
@@ -135,14 +152,43 @@ async fn session(
                     return Ok(false);
                 }
                 seq += 1;
-                wr.write_all(&encode_message(&Message::Heartbeat { seq })).await.context("writing to netportd")?;
+                reports.extend_from_slice(&encode_message(&Message::Heartbeat { seq }));
+                send_reports(&mut wr, &mut reports).await?;
+                report_at = None;
             }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
+                    let _ = send_reports(&mut wr, &mut reports).await;
                     let _ = wr.shutdown().await;
                     return Ok(true);
                 }
             }
         }
     }
+}
+
+/// How long a closed stream's report may wait for others to go with it.
+const REPORTS_DELAY: Duration = Duration::from_millis(200);
+
+/// Queued reports beyond this go at once.
+const REPORTS_MAX: usize = 32 * 1024;
+
+/// Resolves at `at` (never when there is none; the caller guards on that).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes the queued messages in one write.
+async fn send_reports<W: AsyncWrite + Unpin>(wr: &mut W, queued: &mut Vec<u8>) -> Result<()> {
+    if !queued.is_empty() {
+        wr.write_all(queued).await.context("writing to netportd")?;
+        queued.clear();
+        if queued.capacity() > REPORTS_MAX * 2 {
+            queued.shrink_to(REPORTS_MAX);
+        }
+    }
+    Ok(())
 }

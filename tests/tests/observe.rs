@@ -469,3 +469,57 @@ async fn sigterm_lets_a_transfer_finish_then_exits_0() -> Result<()> {
     }
     Ok(())
 }
+
+/// The client portal sends its stream reports together (up to 200 ms late, so thousands of
+/// connections a second cost netportd a few writes, not thousands): every connection is
+/// still reported once, with its own source address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_closed_connection_is_audited_once() -> Result<()> {
+    const N: usize = 300;
+    let target = echo_service().await?.to_string();
+    let (port, _) = free_port_range(2)?;
+    let sys = System::start(&policy(&target, port, ""), &["alice", "nas"])?;
+    let listen = format!("127.0.0.1:{port}");
+    wait_listening(&listen, T).await?;
+    sys.wait_ready().await?;
+    let mut sources = std::collections::BTreeSet::new();
+    for i in 0..N {
+        let s = TcpStream::connect(&listen).await?;
+        sources.insert(s.local_addr()?.to_string());
+        let (mut r, mut w) = s.into_split();
+        w.write_all(&[i as u8; 10]).await?;
+        w.shutdown().await?;
+        let mut back = Vec::new();
+        tokio::time::timeout(T, r.read_to_end(&mut back))
+            .await
+            .context("echo timed out")??;
+        ensure!(back == [i as u8; 10], "connection {i}: got {back:?}");
+    }
+    ensure!(sources.len() == N, "the client reused a source address");
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let audit = std::fs::read_to_string(sys.audit_path())?;
+        // (The readiness probe's connection is reported too; only ours are counted.)
+        let reported: Vec<String> = audit
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["event"] == "stream_closed" && e["service"] == "echo")
+            .filter_map(|e| e["source"].as_str().map(str::to_string))
+            .filter(|s| sources.contains(s))
+            .collect();
+        if reported.len() >= N {
+            let unique: std::collections::BTreeSet<&String> = reported.iter().collect();
+            ensure!(
+                reported.len() == N && unique.len() == N,
+                "{} reports for {N} connections ({} distinct)",
+                reported.len(),
+                unique.len()
+            );
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("only {} of {N} connections reported", reported.len());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
