@@ -113,6 +113,7 @@ async fn bench(args: &Args, bins: &std::path::Path) -> Result<()> {
         bins,
         service,
         &format!("max_streams_per_link = {}", (n + 16).max(1024)),
+        "copy",
     )
     .await
     .context("starting Netport (netportd, relayd, 2 portals)")?;

@@ -73,6 +73,10 @@ pub struct Args {
     /// Keep the temporary directory (configurations, certificates, logs) and print its path.
     #[arg(long)]
     keep: bool,
+    /// The relay's `tcp_fast_path` for Netport (relayd.toml): `copy` (the default), `splice`,
+    /// or `sockmap` (in the kernel; needs root, and has no backpressure: trusted portals only).
+    #[arg(long, default_value = "copy", value_parser = ["copy", "splice", "sockmap"])]
+    relay_tcp_path: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -532,6 +536,7 @@ pub(crate) async fn start_netport(
     bins: &Path,
     service: SocketAddr,
     portal_extra: &str,
+    relay_tcp_path: &str,
 ) -> Result<Peer> {
     let dir = root.join("netport");
     let certs = Certs::new(&dir)?;
@@ -605,7 +610,7 @@ service = "bench"
         &[],
         format!(
             "servers = [\"{control}\"]\npublic_address = \"127.0.0.1\"\nbind = \"127.0.0.1\"\n\
-             ports = \"{relay_first}-{relay_last}\"\n{}",
+             ports = \"{relay_first}-{relay_last}\"\ntcp_fast_path = \"{relay_tcp_path}\"\n{}",
             tls(Role::Relay, "relay-1")?
         ),
     )?;
@@ -627,7 +632,7 @@ service = "bench"
         name: NETPORT,
         entry: listen,
         procs,
-        mem_note: "netportd + relayd + 2 portals".into(),
+        mem_note: format!("netportd + relayd ({relay_tcp_path}) + 2 portals"),
     })
 }
 
@@ -1092,7 +1097,7 @@ async fn bench(args: &Args, bins: &Path) -> Result<()> {
         }));
     }
     if want(PeerKind::Netport) {
-        let peer = start_netport(&root, bins, service, "")
+        let peer = start_netport(&root, bins, service, "", &args.relay_tcp_path)
             .await
             .context("starting Netport (netportd, relayd, 2 portals)")?;
         println!(
