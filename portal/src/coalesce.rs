@@ -8,6 +8,14 @@
 //! once the writer has nothing more to add, so records are full-sized and one system call
 //! carries several of them.
 //!
+//! One kind of frame is not gathered: a small data frame of an open stream (a request, a
+//! reply, a keystroke) is written as yamux gives it, header then body. The header's TLS
+//! record leaves first and wakes the relay and the peer, which are running by the time the
+//! body follows; gathered, every hop would wait for its wake-up in turn. `netport-bench
+//! tunnel`, 16 interleaved rounds: p50 138 µs written as given, 154 µs gathered. Frames
+//! that open or close a stream, window updates and bulk data are gathered: fewer writes
+//! there make more new connections a second.
+//!
 //! "Nothing more to add" is learnt without a timer: a flush that follows new writes of bulk
 //! size only marks the buffer and wakes the task; the flush after that (the task's next pass,
 //! after it has gathered whatever else was ready) sends it. yamux flushes on every pass of
@@ -36,6 +44,8 @@ pub struct Coalesce<T> {
     sent: usize,
     /// Bytes were added since the last flush request.
     fresh: bool,
+    /// What is left of the frame being passed straight through.
+    through: usize,
 }
 
 impl<T> Coalesce<T> {
@@ -45,7 +55,24 @@ impl<T> Coalesce<T> {
             buf: Vec::new(),
             sent: 0,
             fresh: false,
+            through: 0,
         }
+    }
+
+    /// How much of `data` goes straight to the inner writer, ungathered: the rest of a frame
+    /// already going that way, or a whole small data frame of an open stream, announced by
+    /// its header (yamux: version 0, type 0 = data, no flags, then the length).
+    fn pass_through(&mut self, data: &[u8]) -> Option<usize> {
+        if self.through > 0 {
+            return Some(data.len().min(self.through));
+        }
+        let h: &[u8; 12] = data.try_into().ok()?;
+        let length = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
+        if h[0] != 0 || h[1] != 0 || h[2..4] != [0, 0] || length == 0 || length >= DEFER_FROM {
+            return None;
+        }
+        self.through = 12 + length;
+        Some(12)
     }
 
     /// The wrapped stream.
@@ -79,6 +106,16 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.through > 0 || (this.buf.is_empty() && data.len() < DEFER_FROM) {
+            if let Some(n) = this.pass_through(data) {
+                return Pin::new(&mut this.inner)
+                    .poll_write(cx, &data[..n])
+                    .map_ok(|w| {
+                        this.through = this.through.saturating_sub(w);
+                        w
+                    });
+            }
+        }
         if this.buf.len() + data.len() > CAPACITY {
             ready!(this.poll_drain(cx))?;
         }
@@ -184,6 +221,34 @@ mod tests {
         c.write_all(&[2; 64]).await?;
         c.flush().await?;
         assert_eq!(c.get_ref().writes, vec![76]);
+        Ok(())
+    }
+
+    /// A yamux header: data frame, `flags`, stream 3, `len` bytes of body.
+    fn header(flags: u16, len: u32) -> [u8; 12] {
+        let mut h = [0u8; 12];
+        h[2..4].copy_from_slice(&flags.to_be_bytes());
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h[8..12].copy_from_slice(&len.to_be_bytes());
+        h
+    }
+
+    #[tokio::test]
+    async fn small_data_frames_go_as_given_and_stream_openings_are_gathered() -> io::Result<()> {
+        let mut c = Coalesce::new(Counting::default());
+        // A reply on an open stream: header and body, each written at once.
+        c.write_all(&header(0, 64)).await?;
+        c.write_all(&[5; 64]).await?;
+        assert_eq!(c.get_ref().writes, vec![12, 64]);
+        // A stream's first frame (SYN) and a bulk frame are gathered.
+        c.write_all(&header(1, 10)).await?;
+        c.write_all(&[6; 10]).await?;
+        c.write_all(&header(0, 8000)).await?;
+        c.write_all(&[7; 8000]).await?;
+        assert_eq!(c.get_ref().writes, vec![12, 64]);
+        c.flush().await?;
+        c.flush().await?;
+        assert_eq!(c.get_ref().writes, vec![12, 64, 12 + 10 + 12 + 8000]);
         Ok(())
     }
 
