@@ -56,10 +56,16 @@ async fn session(
         role: PeerRole::Portal,
         versions: vec![VERSION],
         software: match portal.config.quic {
-            crate::config::QuicMode::Auto | crate::config::QuicMode::Udp => format!(
+            crate::config::QuicMode::Auto => format!(
                 "portal/{} {}",
                 env!("CARGO_PKG_VERSION"),
                 netport_proto::control::QUIC_CAPABILITY
+            ),
+            crate::config::QuicMode::Udp => format!(
+                "portal/{} {} {}",
+                env!("CARGO_PKG_VERSION"),
+                netport_proto::control::QUIC_CAPABILITY,
+                netport_proto::control::QUIC_UDP_ONLY
             ),
             crate::config::QuicMode::Off => concat!("portal/", env!("CARGO_PKG_VERSION")).into(),
         },

@@ -16,9 +16,54 @@ pub const VERSION: u16 = 1;
 /// that predate it, and a server that predates it never sends `quic` to anyone.
 pub const QUIC_CAPABILITY: &str = "+quic";
 
+/// A second word, beside [`QUIC_CAPABILITY`], from a portal that runs over QUIC only the
+/// links it opens for UDP services (`quic = "udp"`, the default): netportd gives the links
+/// it opens for TCP services no UDP pair, which the portal would never use. A server that
+/// predates it offers the pair anyway, and the portal leaves it to expire.
+pub const QUIC_UDP_ONLY: &str = "+quic-udp-only";
+
 /// Whether a `Hello.software` string announces [`QUIC_CAPABILITY`].
 pub fn announces_quic(software: &str) -> bool {
     software.split_whitespace().any(|w| w == QUIC_CAPABILITY)
+}
+
+/// Which of its links a portal runs over QUIC, from its `Hello.software`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuicLinks {
+    /// None: TCP links only.
+    None,
+    /// Those it opens for UDP services; it serves over QUIC whatever its peers open.
+    ForUdp,
+    /// Every link.
+    All,
+}
+
+impl QuicLinks {
+    /// What `software` announces.
+    pub fn announced(software: &str) -> QuicLinks {
+        if !announces_quic(software) {
+            QuicLinks::None
+        } else if software.split_whitespace().any(|w| w == QUIC_UDP_ONLY) {
+            QuicLinks::ForUdp
+        } else {
+            QuicLinks::All
+        }
+    }
+
+    /// Whether a link this portal opens (as the client) for a service of `transport` may
+    /// run over QUIC.
+    pub fn opens(self, transport: Transport) -> bool {
+        match self {
+            QuicLinks::None => false,
+            QuicLinks::ForUdp => transport == Transport::Udp,
+            QuicLinks::All => true,
+        }
+    }
+
+    /// Whether this portal serves links over QUIC.
+    pub fn serves(self) -> bool {
+        self != QuicLinks::None
+    }
 }
 
 /// Which side a peer is.
@@ -577,6 +622,16 @@ mod tests {
         assert!(announces_quic("portal/0.1.0 +quic"));
         assert!(!announces_quic("portal/0.1.0"));
         assert!(!announces_quic("portal/0.1.0+quicker"));
+        assert_eq!(QuicLinks::announced("portal/0.1.0"), QuicLinks::None);
+        assert_eq!(QuicLinks::announced("portal/0.1.0 +quic"), QuicLinks::All);
+        let udp = QuicLinks::announced("portal/0.1.0 +quic +quic-udp-only");
+        assert_eq!(udp, QuicLinks::ForUdp);
+        assert!(udp.opens(Transport::Udp) && !udp.opens(Transport::Tcp) && udp.serves());
+        // Without `+quic` the second word means nothing.
+        assert_eq!(
+            QuicLinks::announced("portal/0.1.0 +quic-udp-only"),
+            QuicLinks::None
+        );
     }
 
     #[test]

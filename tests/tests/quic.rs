@@ -415,5 +415,29 @@ async fn by_default_udp_services_take_a_quic_link_and_tcp_services_a_tcp_link() 
         !alice.contains("falling back to TCP"),
         "the UDP service's link fell back to TCP on loopback:\n{alice}"
     );
+    // netportd gave only the UDP service's link a UDP pair: the TCP service's link would
+    // never use one, and an unused pair holds relay capacity until its tokens expire.
+    let server = sys.log("netportd");
+    let allocated = |quic: &str| {
+        server
+            .lines()
+            .filter(|l| l.contains("link allocated") && l.contains(&format!("quic={quic}")))
+            .count()
+    };
+    ensure!(
+        allocated("false") == 1 && allocated("true") == 1,
+        "links allocated: {} without a UDP pair, {} with one (one each expected):\n{server}",
+        allocated("false"),
+        allocated("true")
+    );
+    let udp_pairs = sys
+        .log("relayd")
+        .lines()
+        .filter(|l| l.contains("allocation opened") && l.contains("transport=Udp"))
+        .count();
+    ensure!(
+        udp_pairs == 1,
+        "the relay opened {udp_pairs} UDP pairs, expected 1"
+    );
     Ok(())
 }

@@ -245,7 +245,7 @@ async fn session(
         connected_at: netport_common::admin::unix_now(),
         legacy: Some(me),
         speaks_legacy: true,
-        quic: false,
+        quic: netport_proto::control::QuicLinks::None,
     };
     if let Some(old) = lock(&server.portals).insert(name.clone(), handle) {
         old.cancel.cancel();

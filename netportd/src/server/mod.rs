@@ -45,8 +45,8 @@ struct PortalHandle {
     legacy: Option<netport_proto::legacy::LegacyName>,
     /// The session speaks the legacy (V0.1) control protocol.
     speaks_legacy: bool,
-    /// The portal runs links over QUIC (it said so in its hello).
-    quic: bool,
+    /// Which links the portal runs over QUIC (it said so in its hello).
+    quic: netport_proto::control::QuicLinks,
 }
 
 /// A link the server set up, kept so reloads can update or close it.

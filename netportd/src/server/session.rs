@@ -240,7 +240,7 @@ pub async fn handle(
                     ),
                 ));
             }
-            let quic = netport_proto::control::announces_quic(&software);
+            let quic = netport_proto::control::QuicLinks::announced(&software);
             portal_session(server, identity.name.clone(), info, reader, tx, peer, quic).await
         }
         (PeerRole::Relay, Role::Relay) => {
@@ -300,7 +300,7 @@ async fn portal_session(
     mut reader: Reader,
     tx: mpsc::UnboundedSender<Message>,
     peer: SocketAddr,
-    quic: bool,
+    quic: netport_proto::control::QuicLinks,
 ) -> Result<()> {
     let conn = server.id();
     let policy = server.policy();
@@ -582,13 +582,15 @@ async fn open_link(
         address: relay.address.clone(),
         port,
     };
-    // A UDP pair on the same relay, so the portals can run the link over QUIC, when both
-    // run links over QUIC; without one they use the TCP pair alone.
+    // A UDP pair on the same relay, so the portals can run the link over QUIC, when the
+    // client runs this link over QUIC (every link, or those for UDP services) and the
+    // serving portal serves over QUIC; without one they use the TCP pair alone.
     let both_quic = {
         let portals = lock(&server.portals);
-        [client, serving.as_str()]
-            .iter()
-            .all(|p| portals.get(*p).is_some_and(|h| h.quic))
+        portals
+            .get(client)
+            .is_some_and(|h| h.quic.opens(transport(service.protocol)))
+            && portals.get(&serving).is_some_and(|h| h.quic.serves())
     };
     let quic = if both_quic {
         allocate_udp(server, &relay_name, &relay_tx, ttl).await
