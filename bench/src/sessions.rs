@@ -141,6 +141,8 @@ async fn wait_until(what: &str, within: Duration, cond: impl Fn() -> bool) -> Re
 }
 
 pub fn run(args: Args) -> Result<()> {
+    // One descriptor per simulated portal here, as many in netportd (which raises its own).
+    netport_common::raise_open_files_limit();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

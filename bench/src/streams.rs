@@ -39,11 +39,12 @@ pub fn run(args: Args) -> Result<()> {
     }
     let bins = netport_bin_dir(args.bin_dir.as_deref())?;
     let need = args.streams as u64 + 512;
+    netport_common::raise_open_files_limit();
     let soft = netport_e2e::open_file_limit()?;
     if soft < need {
         bail!(
-            "the open files limit is {soft}, below the {need} this run needs in each process: \
-             raise it (ulimit -n {need}) or pass a smaller --streams"
+            "the open files limit is {soft} (the hard limit), below the {need} this run needs \
+             in each process: raise it (ulimit -Hn {need}) or pass a smaller --streams"
         );
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -66,12 +66,13 @@ pub enum QuicMode {
 }
 
 impl QuicMode {
-    /// Whether a client link for a service carried over `transport` tries QUIC first.
-    pub fn tries(self, transport: netport_proto::control::Transport) -> bool {
+    /// Which links this portal runs over QUIC, as it announces them to netportd.
+    pub fn links(self) -> netport_proto::control::QuicLinks {
+        use netport_proto::control::QuicLinks;
         match self {
-            QuicMode::Auto => true,
-            QuicMode::Udp => transport == netport_proto::control::Transport::Udp,
-            QuicMode::Off => false,
+            QuicMode::Auto => QuicLinks::All,
+            QuicMode::Udp => QuicLinks::ForUdp,
+            QuicMode::Off => QuicLinks::None,
         }
     }
 }

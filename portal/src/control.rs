@@ -55,20 +55,11 @@ async fn session(
     wr.write_all(&encode_message(&Message::Hello {
         role: PeerRole::Portal,
         versions: vec![VERSION],
-        software: match portal.config.quic {
-            crate::config::QuicMode::Auto => format!(
-                "portal/{} {}",
-                env!("CARGO_PKG_VERSION"),
-                netport_proto::control::QUIC_CAPABILITY
-            ),
-            crate::config::QuicMode::Udp => format!(
-                "portal/{} {} {}",
-                env!("CARGO_PKG_VERSION"),
-                netport_proto::control::QUIC_CAPABILITY,
-                netport_proto::control::QUIC_UDP_ONLY
-            ),
-            crate::config::QuicMode::Off => concat!("portal/", env!("CARGO_PKG_VERSION")).into(),
-        },
+        software: format!(
+            "portal/{}{}",
+            env!("CARGO_PKG_VERSION"),
+            portal.config.quic.links().words()
+        ),
     }))
     .await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
@@ -82,8 +73,9 @@ async fn session(
     // Stream reports (one per closed connection) wait up to REPORTS_DELAY and go together:
     // at thousands of connections a second, one write and one wake-up of netportd each
     // would cost both sides more than the connections themselves.
+    // Whatever is queued goes by `report_at` at the latest.
     let mut reports: Vec<u8> = Vec::new();
-    let mut report_at: Option<tokio::time::Instant> = None;
+    let mut report_at = tokio::time::Instant::now();
     loop {
         tokio::select! {
             n = rd.read(&mut buf) => {
@@ -138,19 +130,17 @@ async fn session(
                 }
             }
             Some(m) = rx.recv() => {
-                let report = matches!(m, Message::StreamClosed { .. });
+                if reports.is_empty() {
+                    report_at = tokio::time::Instant::now() + REPORTS_DELAY;
+                }
                 reports.extend_from_slice(&encode_message(&m));
-                if !report || reports.len() >= REPORTS_MAX {
+                if !matches!(m, Message::StreamClosed { .. }) || reports.len() >= REPORTS_MAX {
                     // Anything else goes at once, after the reports queued before it.
-                    send_reports(&mut wr, &mut reports).await?;
-                    report_at = None;
-                } else if report_at.is_none() {
-                    report_at = Some(tokio::time::Instant::now() + REPORTS_DELAY);
+                    send_queued(&mut wr, &mut reports).await?;
                 }
             }
-            _ = sleep_until(report_at), if report_at.is_some() => {
-                send_reports(&mut wr, &mut reports).await?;
-                report_at = None;
+            _ = tokio::time::sleep_until(report_at), if !reports.is_empty() => {
+                send_queued(&mut wr, &mut reports).await?;
             }
             _ = tick.tick() => {
                 if last_heard.elapsed() > heartbeat * 3 {
@@ -159,12 +149,11 @@ async fn session(
                 }
                 seq += 1;
                 reports.extend_from_slice(&encode_message(&Message::Heartbeat { seq }));
-                send_reports(&mut wr, &mut reports).await?;
-                report_at = None;
+                send_queued(&mut wr, &mut reports).await?;
             }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
-                    let _ = send_reports(&mut wr, &mut reports).await;
+                    let _ = send_queued(&mut wr, &mut reports).await;
                     let _ = wr.shutdown().await;
                     return Ok(true);
                 }
@@ -179,16 +168,8 @@ const REPORTS_DELAY: Duration = Duration::from_millis(200);
 /// Queued reports beyond this go at once.
 const REPORTS_MAX: usize = 32 * 1024;
 
-/// Resolves at `at` (never when there is none; the caller guards on that).
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Writes the queued messages in one write.
-async fn send_reports<W: AsyncWrite + Unpin>(wr: &mut W, queued: &mut Vec<u8>) -> Result<()> {
+async fn send_queued<W: AsyncWrite + Unpin>(wr: &mut W, queued: &mut Vec<u8>) -> Result<()> {
     if !queued.is_empty() {
         wr.write_all(queued).await.context("writing to netportd")?;
         queued.clear();

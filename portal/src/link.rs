@@ -461,7 +461,7 @@ async fn client_link(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Client
         return Ok(link);
     }
     let expected = Identity::new(Role::Portal, peer.clone())?;
-    let quic = quic.filter(|_| portal.config.quic.tries(spec.transport));
+    let quic = quic.filter(|_| portal.config.quic.links().opens(spec.transport));
     let route = format!("{}/{peer}", relay.relay);
     let failed = lock(&portal.links.quic_failed)
         .get(&route)
@@ -609,7 +609,7 @@ pub async fn serve_incoming(
     quic: Option<QuicPath>,
 ) -> Result<()> {
     let expected = Identity::new(Role::Portal, peer.clone())?;
-    let quic = quic.filter(|_| portal.config.quic != QuicMode::Off);
+    let quic = quic.filter(|_| portal.config.quic.links().serves());
     let grants = Arc::new(RwLock::new(grants));
     let streams: OpenStreams = Arc::default();
     let (g, st, p) = (grants.clone(), streams.clone(), portal.clone());

@@ -64,6 +64,16 @@ impl QuicLinks {
     pub fn serves(self) -> bool {
         self != QuicLinks::None
     }
+
+    /// The words that announce this in a `Hello.software` (each after a space; empty for
+    /// none), as [`QuicLinks::announced`] reads them.
+    pub fn words(self) -> &'static str {
+        match self {
+            QuicLinks::None => "",
+            QuicLinks::ForUdp => " +quic +quic-udp-only",
+            QuicLinks::All => " +quic",
+        }
+    }
 }
 
 /// Which side a peer is.
@@ -627,6 +637,10 @@ mod tests {
         let udp = QuicLinks::announced("portal/0.1.0 +quic +quic-udp-only");
         assert_eq!(udp, QuicLinks::ForUdp);
         assert!(udp.opens(Transport::Udp) && !udp.opens(Transport::Tcp) && udp.serves());
+        for links in [QuicLinks::None, QuicLinks::ForUdp, QuicLinks::All] {
+            let software = format!("portal/0.1.0{}", links.words());
+            assert_eq!(QuicLinks::announced(&software), links, "{software}");
+        }
         // Without `+quic` the second word means nothing.
         assert_eq!(
             QuicLinks::announced("portal/0.1.0 +quic-udp-only"),

@@ -568,6 +568,7 @@ async fn connections_beyond_the_unauthenticated_limit_are_closed_at_once() -> Re
     const EXTRA: usize = 50;
     const HANDSHAKE: Duration = Duration::from_secs(25);
     let need = (LIMIT + EXTRA) as u64 * 2 + 256;
+    netport_common::raise_open_files_limit();
     if netport_e2e::open_file_limit()? < need {
         println!("SKIPPED: the open files limit is below {need} (ulimit -n)");
         return Ok(());

@@ -55,6 +55,26 @@ fn pattern(len: usize, salt: u32) -> Vec<u8> {
         .collect()
 }
 
+/// Sends `data` to `to` and waits up to 2 s for its echo in `buf`; returns its length.
+/// `first`: the listener may still be coming up, so resend until an echo comes.
+async fn echo_datagram(
+    client: &UdpSocket,
+    to: &str,
+    data: &[u8],
+    buf: &mut [u8],
+    first: bool,
+    sys: &System,
+) -> Result<usize> {
+    loop {
+        client.send_to(data, to).await?;
+        match tokio::time::timeout(Duration::from_secs(2), client.recv_from(buf)).await {
+            Ok(r) => return Ok(r?.0),
+            Err(_) if first => continue,
+            Err(_) => anyhow::bail!("no echo of {} bytes:\n{}", data.len(), sys.logs()),
+        }
+    }
+}
+
 /// `len` bytes through the tunnel and back, all compared, with a half-close at the end.
 async fn echo_round(addr: &str, len: usize, salt: u32) -> Result<()> {
     let s = TcpStream::connect(addr).await?;
@@ -141,15 +161,7 @@ async fn a_quic_link_carries_tcp_streams_and_udp_flows() -> Result<()> {
         .enumerate()
     {
         let data = pattern(len, i as u32);
-        // The listener may still be coming up: retry the first datagram.
-        let n = loop {
-            client.send_to(&data, &to).await?;
-            match tokio::time::timeout(Duration::from_secs(2), client.recv_from(&mut buf)).await {
-                Ok(r) => break r?.0,
-                Err(_) if i == 0 => continue,
-                Err(_) => anyhow::bail!("no echo of {len} bytes:\n{}", sys.logs()),
-            }
-        };
+        let n = echo_datagram(&client, &to, &data, &mut buf, i == 0, &sys).await?;
         ensure!(n == len, "sent {len} bytes, got {n}");
         ensure!(buf[..n] == data[..], "datagram of {len} bytes changed");
     }
@@ -382,14 +394,7 @@ async fn by_default_udp_services_take_a_quic_link_and_tcp_services_a_tcp_link() 
     let mut buf = vec![0u8; 65_536];
     for i in 0..20u32 {
         let data = pattern(1000, i);
-        let n = loop {
-            client.send_to(&data, &to).await?;
-            match tokio::time::timeout(Duration::from_secs(2), client.recv_from(&mut buf)).await {
-                Ok(r) => break r?.0,
-                Err(_) if i == 0 => continue,
-                Err(_) => anyhow::bail!("no echo of datagram {i}:\n{}", sys.logs()),
-            }
-        };
+        let n = echo_datagram(&client, &to, &data, &mut buf, i == 0, &sys).await?;
         ensure!(buf[..n] == data[..], "datagram {i} changed");
     }
     // From the log, not the links gauge: the TCP link may idle out (3 s) meanwhile.
