@@ -132,7 +132,7 @@ pub fn daemon_main<C, F, Fut>(
 ) -> std::process::ExitCode
 where
     F: FnOnce(C, tokio::sync::watch::Receiver<bool>) -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
 {
     use std::process::ExitCode;
     init_logs(log);
@@ -161,10 +161,17 @@ where
             tracing::info!("shutting down");
             let _ = tx.send(true);
         });
-        match run(config, rx).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
+        // On a worker, not on this thread: the daemon's main loop is woken often (a portal's
+        // control session hears of every closed connection), and waking a task on a worker
+        // is a queue push, where waking `block_on`'s thread is a futex call and a switch.
+        match tokio::spawn(run(config, rx)).await {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(e)) => {
                 tracing::error!("{e:#}");
+                ExitCode::from(1)
+            }
+            Err(e) => {
+                tracing::error!("the main task failed: {e}");
                 ExitCode::from(1)
             }
         }

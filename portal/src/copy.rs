@@ -11,11 +11,12 @@ use std::io;
 
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// The buffer each direction starts with.
-const START_BUF: usize = 1024;
+pub(crate) const START_BUF: usize = 1024;
 /// The largest a buffer grows.
 const MAX_BUF: usize = 64 * 1024;
 
@@ -23,24 +24,56 @@ const MAX_BUF: usize = 64 * 1024;
 /// `tokio::io::copy_bidirectional` does: the end of one side's data shuts down the other
 /// side's write half (half-close) and the other direction goes on; an error in either
 /// direction ends both. Returns the bytes copied from `a` to `b` and from `b` to `a`.
-pub async fn bidirectional<A, B>(a: A, b: B) -> io::Result<(u64, u64)>
+///
+/// `lead` (which may be empty) goes to `a` ahead of everything from `b`, in the same write
+/// as `b`'s first bytes when `b` says something within `wait`, alone when it does not (or
+/// when it ends first). The count returned does not include it.
+pub async fn bidirectional<A, B>(a: A, b: B, lead: &[u8], wait: Duration) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite,
     B: AsyncRead + AsyncWrite,
 {
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
-    tokio::try_join!(one_way(ar, bw), one_way(br, aw))
+    tokio::try_join!(one_way(ar, bw), led(br, aw, lead, wait))
 }
 
-/// Copies `r` to `w` until `r` ends, then shuts `w` down (one direction of
-/// [`bidirectional`]); returns the bytes copied.
-pub(crate) async fn one_way<R, W>(mut r: R, mut w: W) -> io::Result<u64>
+/// [`one_way`] with `lead` first, as [`bidirectional`] sends it.
+async fn led<R, W>(mut r: R, mut w: W, lead: &[u8], wait: Duration) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; START_BUF];
+    if lead.is_empty() {
+        return one_way(r, w).await;
+    }
+    let mut buf = vec![0u8; lead.len() + START_BUF];
+    buf[..lead.len()].copy_from_slice(lead);
+    // A read that times out has taken nothing (tokio's reads are cancel-safe).
+    let first = tokio::time::timeout(wait, r.read(&mut buf[lead.len()..]))
+        .await
+        .unwrap_or(Ok(0))?;
+    w.write_all(&buf[..lead.len() + first]).await?;
+    w.flush().await?;
+    Ok(first as u64 + copy_with(r, w, buf).await?)
+}
+
+/// Copies `r` to `w` until `r` ends, then shuts `w` down (one direction of
+/// [`bidirectional`]); returns the bytes copied.
+pub(crate) async fn one_way<R, W>(r: R, w: W) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    copy_with(r, w, vec![0u8; START_BUF]).await
+}
+
+/// [`one_way`], with `buf` as its buffer (which grows from its size).
+async fn copy_with<R, W>(mut r: R, mut w: W, mut buf: Vec<u8>) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut total = 0u64;
     loop {
         // A writer may hold bytes back until flushed (a multiplexed stream, TLS): flush
@@ -78,13 +111,126 @@ fn read_now<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Option<io::Resul
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
+
+    /// A duplex end that records the size of each write it is given.
+    struct Recording {
+        inner: DuplexStream,
+        writes: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl AsyncRead for Recording {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Recording {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let this = self.get_mut();
+            let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+            if let Poll::Ready(Ok(n)) = r {
+                this.writes.lock().map(|mut w| w.push(n)).ok();
+            }
+            r
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        }
+    }
+
+    /// A copy between a recorded link end and a service end, with a lead of `b"!"`; returns
+    /// the far ends (link side, service side), the recorded writes and the copy.
+    #[allow(clippy::type_complexity)]
+    fn led_copy(
+        wait: Duration,
+    ) -> (
+        DuplexStream,
+        DuplexStream,
+        Arc<Mutex<Vec<usize>>>,
+        tokio::task::JoinHandle<std::io::Result<(u64, u64)>>,
+    ) {
+        let (link, a) = tokio::io::duplex(4096);
+        let (b, service) = tokio::io::duplex(4096);
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let a = Recording {
+            inner: a,
+            writes: writes.clone(),
+        };
+        let copy = tokio::spawn(super::bidirectional(a, b, b"!", wait));
+        (link, service, writes, copy)
+    }
+
+    fn recorded(w: &Arc<Mutex<Vec<usize>>>) -> Vec<usize> {
+        w.lock().map(|w| w.clone()).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn the_lead_goes_with_the_first_reply_in_one_write() -> std::io::Result<()> {
+        let (mut link, mut service, writes, copy) = led_copy(Duration::from_secs(30));
+        link.write_all(b"ping").await?;
+        let mut got = [0u8; 4];
+        service.read_exact(&mut got).await?;
+        assert_eq!(&got, b"ping");
+        service.write_all(b"pong").await?;
+        let mut back = [0u8; 5];
+        link.read_exact(&mut back).await?;
+        assert_eq!(&back, b"!pong");
+        assert_eq!(
+            recorded(&writes),
+            [5],
+            "the lead and the reply in one write"
+        );
+        drop(link);
+        drop(service);
+        let counted = copy.await.map_err(std::io::Error::other)??;
+        assert_eq!(counted, (4, 4), "the lead is not counted");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn the_lead_goes_alone_when_the_service_is_silent_or_ends() -> std::io::Result<()> {
+        // Silent: the lead arrives after the wait, long before the service says anything.
+        let (mut link, _service, writes, _copy) = led_copy(Duration::from_millis(20));
+        let mut lead = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(10), link.read_exact(&mut lead))
+            .await
+            .map_err(std::io::Error::other)??;
+        assert_eq!(&lead, b"!");
+        assert_eq!(recorded(&writes), [1]);
+        // Ends without a word: the lead, then the end.
+        let (mut link, service, _, copy) = led_copy(Duration::from_secs(30));
+        drop(service);
+        let mut all = Vec::new();
+        link.read_to_end(&mut all).await?;
+        assert_eq!(all, b"!");
+        drop(link);
+        let counted = copy.await.map_err(std::io::Error::other)??;
+        assert_eq!(counted, (0, 0));
+        Ok(())
+    }
 
     #[tokio::test]
     async fn copies_both_ways_with_half_close() {
         let (client, a) = tokio::io::duplex(4096);
         let (b, service) = tokio::io::duplex(4096);
-        let copy = tokio::spawn(super::bidirectional(a, b));
+        let copy = tokio::spawn(super::bidirectional(a, b, &[], Duration::ZERO));
         let (mut cr, mut cw) = tokio::io::split(client);
         let (mut sr, mut sw) = tokio::io::split(service);
         let up: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();

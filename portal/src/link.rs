@@ -6,6 +6,11 @@
 //! Stream header (client → serving portal, first bytes of each stream): a u16 big-endian
 //! length and the service name. Answer: one byte, [`OPEN_OK`] or a refusal code, then (for a
 //! refusal) a u16 length and a message.
+//!
+//! A new connection crosses the relay once each way before its first reply: the client
+//! portal sends the header with whatever the client has already sent, without waiting for
+//! the answer, and the serving portal sends [`OPEN_OK`] with the service's first bytes (or
+//! alone, after [`ANSWER_WAIT`], if the service says nothing).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +35,10 @@ use crate::{Portal, lock};
 use tokio_util::sync::CancellationToken;
 
 pub(crate) const OPEN_OK: u8 = 0;
+/// How long the serving portal holds [`OPEN_OK`] back for the service's first bytes. The
+/// client portal needs it only before those bytes, but its yamux opens at most 256 streams
+/// that the serving side has not answered, so it is not held for long.
+const ANSWER_WAIT: Duration = Duration::from_millis(5);
 const OPEN_NOT_GRANTED: u8 = 1;
 pub(crate) const OPEN_DIAL_FAILED: u8 = 2;
 
@@ -206,23 +215,25 @@ pub async fn carry(
     // serving portal's answer: a new connection costs one round trip through the link, not
     // two. The serving portal reads nothing past the header before it has checked the grant
     // and dialed the service, and its answer comes first on the way back.
-    let (mut stream, guard, link_id) = match open_channel_with(&portal, spec, false).await? {
-        Channel::Stream {
-            stream,
-            guard,
-            link_id,
-            ..
-        } => (stream, guard, link_id),
-        Channel::Legacy { link, guard } => {
-            let LinkOpener::Legacy(o) = &link.opener else {
-                bail!("internal: a legacy channel on a native link");
-            };
-            // Boxed: a legacy link's state must not make every native stream's future as large.
-            let carried = Box::pin(o.carry(&spec.service, tcp)).await;
-            drop(guard);
-            return carried;
-        }
-    };
+    let (mut stream, guard, link_id, early) =
+        match open_channel_with(&portal, spec, Some(&tcp)).await? {
+            Channel::Stream {
+                stream,
+                guard,
+                link_id,
+                early,
+                ..
+            } => (stream, guard, link_id, early),
+            Channel::Legacy { link, guard } => {
+                let LinkOpener::Legacy(o) = &link.opener else {
+                    bail!("internal: a legacy channel on a native link");
+                };
+                // Boxed: a legacy link's state must not make every native stream's future as large.
+                let carried = Box::pin(o.carry(&spec.service, tcp)).await;
+                drop(guard);
+                return carried;
+            }
+        };
     let counted = portal.stats.stream(Side::Client);
     let mut refused = None;
     let copied = {
@@ -244,6 +255,7 @@ pub async fn carry(
         bail!("{why} (`{}`)", spec.service);
     }
     let (up, down) = copied.unwrap_or((0, 0));
+    let up = up + early;
     portal.stats.stream_bytes(Side::Client, up, down);
     portal.tell_server(Message::StreamClosed {
         link_id,
@@ -267,6 +279,8 @@ pub(crate) enum Channel {
         /// Counts the stream as active on the link until dropped.
         guard: Active,
         link_id: u64,
+        /// The client's bytes sent with the stream's header.
+        early: u64,
     },
     /// The peer is a legacy (V0.1) portal: the caller carries the connection with the
     /// legacy link framing.
@@ -277,15 +291,16 @@ pub(crate) enum Channel {
 /// use) and waits for the serving portal to accept it. The stream counts as active on the
 /// link until the returned guard is dropped.
 pub(crate) async fn open_channel(portal: &Arc<Portal>, spec: &ListenerSpec) -> Result<Channel> {
-    open_channel_with(portal, spec, true).await
+    open_channel_with(portal, spec, None).await
 }
 
-/// [`open_channel`]; with `await_answer` false, the stream is returned once its header is
-/// written, and the caller reads the answer ([`read_answer`]) before anything else.
+/// [`open_channel`]; given the `client` connection, the stream's header carries what the
+/// client has already sent (counted in `early`), and the stream is returned once the header
+/// is written: the caller reads the answer ([`read_answer`]) before anything else.
 async fn open_channel_with(
     portal: &Arc<Portal>,
     spec: &ListenerSpec,
-    await_answer: bool,
+    client: Option<&TcpStream>,
 ) -> Result<Channel> {
     let mut stream = None;
     let mut datagrams = None;
@@ -331,11 +346,24 @@ async fn open_channel_with(
         bail!("could not open a stream on a fresh link");
     };
     let name = spec.service.as_bytes();
-    let mut header = Vec::with_capacity(2 + name.len());
+    let mut header = Vec::with_capacity(2 + name.len() + crate::copy::START_BUF);
     header.extend_from_slice(&(name.len() as u16).to_be_bytes());
     header.extend_from_slice(name);
+    // What the client has sent already goes in the stream's first frame, with the header:
+    // one record and one write through the relay instead of two.
+    let mut early = 0;
+    if let Some(tcp) = client {
+        let at = header.len();
+        header.resize(at + crate::copy::START_BUF, 0);
+        early = match tcp.try_read(&mut header[at..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e.into()),
+        };
+        header.truncate(at + early);
+    }
     stream.write_all(&header).await?;
-    if await_answer {
+    if client.is_none() {
         read_answer(&mut stream)
             .await
             .with_context(|| format!("opening `{}`", spec.service))?;
@@ -345,6 +373,7 @@ async fn open_channel_with(
         datagrams,
         guard,
         link_id,
+        early: early as u64,
     })
 }
 
@@ -780,13 +809,12 @@ async fn serve_stream(
             }
         };
     let _ = tcp.set_nodelay(true);
-    stream.write_all(&[OPEN_OK]).await?;
     // Registered by service, so a grant that shrinks can cut this stream.
     let cancel = CancellationToken::new();
     lock(&streams).push((service, cancel.clone()));
     let counted = portal.stats.stream(Side::Serving);
     tokio::select! {
-        r = crate::copy::bidirectional(&mut stream, &mut tcp) => {
+        r = crate::copy::bidirectional(&mut stream, &mut tcp, &[OPEN_OK], ANSWER_WAIT) => {
             if let Ok((to, from)) = r {
                 portal.stats.stream_bytes(Side::Serving, to, from);
             }
