@@ -346,7 +346,12 @@ async fn open_channel_with(
         bail!("could not open a stream on a fresh link");
     };
     let name = spec.service.as_bytes();
-    let mut header = Vec::with_capacity(2 + name.len() + crate::copy::START_BUF);
+    let room = if client.is_some() {
+        crate::copy::START_BUF
+    } else {
+        0
+    };
+    let mut header = Vec::with_capacity(2 + name.len() + room);
     header.extend_from_slice(&(name.len() as u16).to_be_bytes());
     header.extend_from_slice(name);
     // What the client has sent already goes in the stream's first frame, with the header:
@@ -354,7 +359,7 @@ async fn open_channel_with(
     let mut early = 0;
     if let Some(tcp) = client {
         let at = header.len();
-        header.resize(at + crate::copy::START_BUF, 0);
+        header.resize(at + room, 0);
         early = match tcp.try_read(&mut header[at..]) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,

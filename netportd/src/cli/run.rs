@@ -60,10 +60,16 @@ pub fn run(args: Args) -> u8 {
             tracing::info!("shutting down");
             let _ = tx.send(true);
         });
-        match server::run(bound, config, obs, rx).await {
-            Ok(()) => EXIT_OK,
-            Err(e) => {
+        // On a worker, as netport_common::daemon_main runs the other daemons' main loops:
+        // waking `block_on`'s thread is a futex call and a switch.
+        match tokio::spawn(server::run(bound, config, obs, rx)).await {
+            Ok(Ok(())) => EXIT_OK,
+            Ok(Err(e)) => {
                 tracing::error!("{e:#}");
+                EXIT_FAIL
+            }
+            Err(e) => {
+                tracing::error!("the main task failed: {e}");
                 EXIT_FAIL
             }
         }
