@@ -221,10 +221,18 @@ def fail(msg):
         print(f"--- {log}:\n{log.read_text()}")
     sys.exit(1)
 
+given_ports = set()
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # A port free now, and not one handed out before: the processes bind theirs later, so
+    # the kernel may offer the same port twice in the meantime.
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in given_ports:
+            given_ports.add(port)
+            return port
 
 class Pod:
     """A Deployment's main container, with its volumes as directories under tmp/NAME and
