@@ -10,7 +10,7 @@
 use std::io;
 
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -75,22 +75,15 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut total = 0u64;
+    let mut unflushed = false;
     loop {
-        // A writer may hold bytes back until flushed (a multiplexed stream, TLS): flush
-        // whenever there is nothing more to read yet, so the peer sees every byte before
-        // this side waits, and a bulk transfer is not flushed after every buffer.
-        let n = match read_now(&mut r, &mut buf) {
-            Some(n) => n?,
-            None => {
-                w.flush().await?;
-                r.read(&mut buf).await?
-            }
-        };
+        let n = read_or_flush(&mut r, &mut w, &mut buf, &mut unflushed).await?;
         if n == 0 {
             w.shutdown().await?;
             return Ok(total);
         }
         w.write_all(&buf[..n]).await?;
+        unflushed = true;
         total += n as u64;
         if n == buf.len() && buf.len() < MAX_BUF {
             buf.resize(buf.len() * 2, 0);
@@ -98,15 +91,41 @@ where
     }
 }
 
-/// A read that is ready now, or `None` when it would have to wait.
-fn read_now<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Option<io::Result<usize>> {
-    let mut cx = Context::from_waker(Waker::noop());
-    let mut rb = ReadBuf::new(buf);
-    match Pin::new(r).poll_read(&mut cx, &mut rb) {
-        Poll::Ready(Ok(())) => Some(Ok(rb.filled().len())),
-        Poll::Ready(Err(e)) => Some(Err(e)),
-        Poll::Pending => None,
-    }
+/// Reads from `r` into `buf`. A writer may hold bytes back until flushed (a multiplexed
+/// stream, TLS): while there is nothing to read yet, `w` is flushed, so the peer sees every
+/// byte before this side waits, and a bulk transfer is not flushed after every buffer.
+///
+/// Every poll here gets the task's own waker. A yamux stream keeps one waker for its read
+/// and write halves' turn at the link (window updates go out from `poll_read`), so a read
+/// polled with any other waker (a "would it block?" probe) can take the place of the write
+/// half's, and the write half, once the link has room, is never woken.
+async fn read_or_flush<R, W>(
+    r: &mut R,
+    w: &mut W,
+    buf: &mut [u8],
+    unflushed: &mut bool,
+) -> io::Result<usize>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    std::future::poll_fn(|cx| {
+        let mut rb = ReadBuf::new(buf);
+        match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => return Poll::Ready(Ok(rb.filled().len())),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {}
+        }
+        if *unflushed {
+            match Pin::new(&mut *w).poll_flush(cx) {
+                Poll::Ready(Ok(())) => *unflushed = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -224,6 +243,122 @@ mod tests {
         let counted = copy.await.map_err(std::io::Error::other)??;
         assert_eq!(counted, (0, 0));
         Ok(())
+    }
+
+    /// One end of a link stream as a yamux stream behaves towards wakers: reads and writes
+    /// wait for the link in one shared slot (a yamux stream's read half sends its window
+    /// updates through the same channel as the write half's data), reads are served 8 bytes
+    /// at a time.
+    #[derive(Default)]
+    struct OneSlot {
+        inbound: std::collections::VecDeque<u8>,
+        written: Vec<u8>,
+        /// The link has no room: writes wait, and reads register for the room too.
+        link_full: bool,
+        /// Who waits for room on the link (one slot, as yamux has).
+        slot: Option<std::task::Waker>,
+        /// Who waits for data.
+        reader: Option<std::task::Waker>,
+    }
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<OneSlot>>);
+
+    impl Shared {
+        fn with<T>(&self, f: impl FnOnce(&mut OneSlot) -> T) -> T {
+            let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut g)
+        }
+    }
+
+    impl AsyncRead for Shared {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            self.with(|s| {
+                if s.link_full {
+                    s.slot = Some(cx.waker().clone());
+                }
+                if s.inbound.is_empty() {
+                    s.reader = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                let n = s.inbound.len().min(8).min(buf.remaining());
+                for b in s.inbound.drain(..n) {
+                    buf.put_slice(&[b]);
+                }
+                Poll::Ready(Ok(()))
+            })
+        }
+    }
+
+    impl AsyncWrite for Shared {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.with(|s| {
+                if s.link_full {
+                    s.slot = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                s.written.extend_from_slice(buf);
+                Poll::Ready(Ok(buf.len()))
+            })
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Waits (polling, at most 10 s) until `done` holds for the link end.
+    async fn until(link: &Shared, what: &str, done: impl Fn(&OneSlot) -> bool) {
+        for _ in 0..1000 {
+            if link.with(|s| done(s)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    #[tokio::test]
+    async fn a_read_never_takes_the_write_halfs_wakeup() {
+        // The service's reply waits for room on the link; meanwhile the link's data is read
+        // and fills the service's socket. When the link has room again, the reply must go.
+        let link = Shared::default();
+        link.with(|s| s.link_full = true);
+        let (b, mut service) = tokio::io::duplex(16);
+        let copy = tokio::spawn(super::bidirectional(link.clone(), b, &[], Duration::ZERO));
+        service.write_all(b"reply").await.expect("duplex");
+        until(&link, "the reply waits for the link", |s| s.slot.is_some()).await;
+        // 24 bytes from the link, read 8 at a time: the service's socket takes 16 of them.
+        link.with(|s| {
+            s.inbound.extend([7u8; 24]);
+            if let Some(w) = s.reader.take() {
+                w.wake();
+            }
+        });
+        until(&link, "the link's bytes are read", |s| s.inbound.is_empty()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Room on the link: whoever waits in the slot is woken, as yamux does.
+        link.with(|s| {
+            s.link_full = false;
+            if let Some(w) = s.slot.take() {
+                w.wake();
+            }
+        });
+        until(&link, "the reply reaches the link", |s| {
+            s.written == b"reply"
+        })
+        .await;
+        copy.abort();
     }
 
     #[tokio::test]

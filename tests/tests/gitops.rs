@@ -1,6 +1,8 @@
 //! The GitOps loop seen from the outside: commits land in a checkout the way sync tools
 //! land them, and netportd's status endpoint says what is in force.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -218,6 +220,9 @@ async fn a_256_mib_transfer_survives_20_reloads() -> Result<()> {
     // The writer sends one of 21 segments after each reload is in force, so every reload
     // happens while the transfer runs.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let written = Arc::new(AtomicU64::new(0));
+    let read = Arc::new(AtomicU64::new(0));
+    let (w_count, r_count) = (written.clone(), read.clone());
     let writer = tokio::spawn(async move {
         let segment = TOTAL / (RELOADS + 1);
         let mut off = 0u64;
@@ -234,6 +239,7 @@ async fn a_256_mib_transfer_survives_20_reloads() -> Result<()> {
                 }
                 w.write_all(&buf[..n]).await?;
                 off += n as u64;
+                w_count.store(off, Ordering::Relaxed);
             }
         }
         w.shutdown().await?;
@@ -255,6 +261,7 @@ async fn a_256_mib_transfer_survives_20_reloads() -> Result<()> {
                 );
             }
             off += n as u64;
+            r_count.store(off, Ordering::Relaxed);
         }
     });
     let mut extra = String::new();
@@ -269,8 +276,25 @@ async fn a_256_mib_transfer_survives_20_reloads() -> Result<()> {
         );
         let _ = tx.send(());
     }
-    let sent = tokio::time::timeout(Duration::from_secs(300), writer).await???;
-    let got = tokio::time::timeout(Duration::from_secs(300), reader).await???;
+    // Both at once: a reader that stops on a wrong byte (or early) would otherwise leave the
+    // writer blocked, and the test would report only a timeout.
+    let both = async {
+        tokio::try_join!(async { Ok::<_, anyhow::Error>(writer.await??) }, async {
+            let got = reader.await??;
+            ensure!(got == TOTAL, "the reader got {got} of {TOTAL} bytes");
+            Ok(got)
+        })
+    };
+    let (sent, got) = tokio::time::timeout(Duration::from_secs(300), both)
+        .await
+        .with_context(|| {
+            format!(
+                "the transfer stalled: {} bytes written, {} read back of {TOTAL}\n{}",
+                written.load(Ordering::Relaxed),
+                read.load(Ordering::Relaxed),
+                sys.logs()
+            )
+        })??;
     ensure!(
         sent == TOTAL && got == TOTAL,
         "sent {sent}, got back {got} of {TOTAL}"
