@@ -123,6 +123,37 @@ pub fn raise_open_files_limit() {
     }
 }
 
+/// The most freed memory glibc's allocator keeps at the top of a heap before it gives it
+/// back to the kernel (its default is 128 KiB).
+pub const KEEP_FREED: usize = 4 << 20;
+
+/// Lets the allocator keep up to [`KEEP_FREED`] of freed memory per heap instead of handing
+/// every 128 KiB back to the kernel. A link allocates and frees frames, records and copy
+/// buffers of 16 to 64 KiB all the time, so with the default each bulk transfer crossed the
+/// line over and over: during a bulk transfer the portals and relayd took about 17,000 page
+/// faults a second (memory given back with `madvise`, then faulted in and zeroed again), and
+/// none with this. `netport-bench tunnel --peers netport`, 12 interleaved rounds: bulk
+/// throughput ×1.07 (the median of the rounds' ratios), memory with 1,000 idle connections
+/// unchanged (55.2 and 55.4 MiB).
+///
+/// Only glibc has the knob; elsewhere this does nothing. It also fixes glibc's threshold for
+/// serving allocations with `mmap` at its initial 128 KiB (no buffer a daemon churns is
+/// that large).
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)] // one call with two integers; glibc documents it as safe at any time
+    {
+        // SAFETY: mallopt takes plain integers and only adjusts the allocator's parameters,
+        // under the allocator's own lock.
+        let ok = unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, KEEP_FREED as libc::c_int) };
+        if ok != 1 {
+            tracing::debug!(
+                "mallopt(M_TRIM_THRESHOLD) was refused; the allocator keeps its default"
+            );
+        }
+    }
+}
+
 /// A daemon's `main`: logs, a configuration validated before anything else (exit 2 on a bad
 /// one), a runtime, and `run` until SIGTERM or Ctrl-C (exit 0) or a failure (exit 1).
 pub fn daemon_main<C, F, Fut>(
@@ -137,6 +168,7 @@ where
     use std::process::ExitCode;
     init_logs(log);
     raise_open_files_limit();
+    keep_freed_memory();
     let config = match load() {
         Ok(c) => c,
         Err(e) => {

@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use netport_common::{LogFormat, init_logs, raise_open_files_limit, wait_for_signal};
+use netport_common::{
+    LogFormat, init_logs, keep_freed_memory, raise_open_files_limit, wait_for_signal,
+};
 use netportd::server;
 use tokio::sync::watch;
 
@@ -21,6 +23,7 @@ pub struct Args {
 pub fn run(args: Args) -> u8 {
     init_logs(args.log_format);
     raise_open_files_limit();
+    keep_freed_memory();
     // Validate everything before any socket opens.
     let config = match server::Config::load(&args.config) {
         Ok(c) => c,
