@@ -125,7 +125,7 @@ pub fn raise_open_files_limit() {
 
 /// The most freed memory glibc's allocator keeps at the top of a heap before it gives it
 /// back to the kernel (its default is 128 KiB).
-pub const KEEP_FREED: usize = 4 << 20;
+const KEEP_FREED: usize = 4 << 20;
 
 /// Lets the allocator keep up to [`KEEP_FREED`] of freed memory per heap instead of handing
 /// every 128 KiB back to the kernel. A link allocates and frees frames, records and copy
@@ -152,6 +152,19 @@ pub fn keep_freed_memory() {
             );
         }
     }
+}
+
+/// Runs a daemon's main loop as a task on a worker, not on `block_on`'s thread: the main
+/// loop is woken often (a portal's control session hears of every closed connection), and
+/// waking a task on a worker is a queue push, where waking `block_on`'s thread is a futex
+/// call and a switch.
+pub async fn on_worker<F>(main: F) -> Result<()>
+where
+    F: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    tokio::spawn(main)
+        .await
+        .map_err(|e| anyhow!("the main task failed: {e}"))?
 }
 
 /// A daemon's `main`: logs, a configuration validated before anything else (exit 2 on a bad
@@ -193,17 +206,10 @@ where
             tracing::info!("shutting down");
             let _ = tx.send(true);
         });
-        // On a worker, not on this thread: the daemon's main loop is woken often (a portal's
-        // control session hears of every closed connection), and waking a task on a worker
-        // is a queue push, where waking `block_on`'s thread is a futex call and a switch.
-        match tokio::spawn(run(config, rx)).await {
-            Ok(Ok(())) => ExitCode::SUCCESS,
-            Ok(Err(e)) => {
-                tracing::error!("{e:#}");
-                ExitCode::from(1)
-            }
+        match on_worker(run(config, rx)).await {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                tracing::error!("the main task failed: {e}");
+                tracing::error!("{e:#}");
                 ExitCode::from(1)
             }
         }

@@ -55,6 +55,8 @@ where
         .unwrap_or(Ok(0))?;
     w.write_all(&buf[..lead.len() + first]).await?;
     w.flush().await?;
+    // From here on, the buffer one direction starts with (it grows as one_way's does).
+    buf.truncate(START_BUF);
     Ok(first as u64 + copy_with(r, w, buf).await?)
 }
 

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use netport_common::{
-    LogFormat, init_logs, keep_freed_memory, raise_open_files_limit, wait_for_signal,
+    LogFormat, init_logs, keep_freed_memory, on_worker, raise_open_files_limit, wait_for_signal,
 };
 use netportd::server;
 use tokio::sync::watch;
@@ -63,16 +63,10 @@ pub fn run(args: Args) -> u8 {
             tracing::info!("shutting down");
             let _ = tx.send(true);
         });
-        // On a worker, as netport_common::daemon_main runs the other daemons' main loops:
-        // waking `block_on`'s thread is a futex call and a switch.
-        match tokio::spawn(server::run(bound, config, obs, rx)).await {
-            Ok(Ok(())) => EXIT_OK,
-            Ok(Err(e)) => {
-                tracing::error!("{e:#}");
-                EXIT_FAIL
-            }
+        match on_worker(server::run(bound, config, obs, rx)).await {
+            Ok(()) => EXIT_OK,
             Err(e) => {
-                tracing::error!("the main task failed: {e}");
+                tracing::error!("{e:#}");
                 EXIT_FAIL
             }
         }
