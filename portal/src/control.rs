@@ -73,9 +73,12 @@ async fn session(
     // Stream reports (one per closed connection) wait up to REPORTS_DELAY and go together:
     // at thousands of connections a second, one write and one wake-up of netportd each
     // would cost both sides more than the connections themselves.
-    // Whatever is queued goes by `report_at` at the latest.
+    // Whatever is queued goes by `reports_due` at the latest: one timer, set when a batch
+    // starts. (A fresh `sleep_until` in the loop was a timer set for every report, and
+    // tokio wakes its I/O driver each time a timer becomes the earliest one.)
     let mut reports: Vec<u8> = Vec::new();
-    let mut report_at = tokio::time::Instant::now();
+    let reports_due = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(reports_due);
     loop {
         tokio::select! {
             n = rd.read(&mut buf) => {
@@ -131,7 +134,7 @@ async fn session(
             }
             Some(m) = rx.recv() => {
                 if reports.is_empty() {
-                    report_at = tokio::time::Instant::now() + REPORTS_DELAY;
+                    reports_due.as_mut().reset(tokio::time::Instant::now() + REPORTS_DELAY);
                 }
                 reports.extend_from_slice(&encode_message(&m));
                 if !matches!(m, Message::StreamClosed { .. }) || reports.len() >= REPORTS_MAX {
@@ -139,7 +142,7 @@ async fn session(
                     send_queued(&mut wr, &mut reports).await?;
                 }
             }
-            _ = tokio::time::sleep_until(report_at), if !reports.is_empty() => {
+            () = &mut reports_due, if !reports.is_empty() => {
                 send_queued(&mut wr, &mut reports).await?;
             }
             _ = tick.tick() => {
