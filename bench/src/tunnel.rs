@@ -264,6 +264,29 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time of one process, µs: user and system time of all its threads, and of the
+/// children it has reaped (0 if it is gone). The kernel counts in USER_HZ ticks, 100 a
+/// second on Linux, so a figure is good to 10 ms.
+fn cpu_us(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(0, |s| stat_cpu_us(&s))
+}
+
+/// [`cpu_us`] from the text of `/proc/PID/stat`.
+fn stat_cpu_us(stat: &str) -> u64 {
+    // Fields after the command name (which may hold spaces and parentheses): state is
+    // field 3, utime, stime, cutime and cstime are fields 14 to 17.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    ticks * 10_000
+}
+
 /// A program on PATH (or in /usr/sbin and /sbin, where Debian puts sshd).
 fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -461,6 +484,14 @@ impl Peer {
                 pids.extend(descendants(p.pid()));
                 (p.name.clone(), pids)
             })
+            .collect()
+    }
+
+    /// CPU time (µs) of each of the path's processes, descendants included.
+    fn cpu(&self) -> Vec<(String, u64)> {
+        self.pids()
+            .into_iter()
+            .map(|(n, pids)| (n, pids.into_iter().map(cpu_us).sum()))
             .collect()
     }
 
@@ -980,8 +1011,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Sequential connect, 1 byte each way, close: at most `max` or for `secs`.
-async fn conn_rate(addr: SocketAddr, max: usize, secs: f64) -> Result<f64> {
+/// Sequential connect, 1 byte each way, close: at most `max` or for `secs`. Returns the
+/// rate and the number of connections.
+async fn conn_rate(addr: SocketAddr, max: usize, secs: f64) -> Result<(f64, usize)> {
     let limit = Duration::from_secs_f64(secs);
     let started = Instant::now();
     let mut done = 0usize;
@@ -992,7 +1024,7 @@ async fn conn_rate(addr: SocketAddr, max: usize, secs: f64) -> Result<f64> {
         drop(s);
         done += 1;
     }
-    Ok(done as f64 / started.elapsed().as_secs_f64())
+    Ok((done as f64 / started.elapsed().as_secs_f64(), done))
 }
 
 /// RSS (KiB) of the path's processes before and while `n` idle connections are open, and
@@ -1035,6 +1067,16 @@ async fn idle_memory(peer: &Peer, n: usize) -> Result<(u64, u64, Vec<(String, u6
 // ---------------------------------------------------------------------------------------------
 // The run
 
+/// Per process, the CPU time (µs) between two readings divided by `n`.
+fn cpu_per(before: &[(String, u64)], after: &[(String, u64)], n: usize) -> Vec<(String, f64)> {
+    let n = n.max(1) as f64;
+    before
+        .iter()
+        .zip(after)
+        .map(|((name, b), (_, a))| (name.clone(), a.saturating_sub(*b) as f64 / n))
+        .collect()
+}
+
 #[derive(Default)]
 struct Samples {
     bulk: Vec<f64>,
@@ -1044,6 +1086,11 @@ struct Samples {
     rss_idle: Vec<f64>,
     rss_held: Vec<f64>,
     breakdown: Vec<(String, u64)>,
+    /// CPU of the path's processes per round trip and per new connection, µs.
+    cpu_rt: Vec<f64>,
+    cpu_conn: Vec<f64>,
+    /// Per process, last round: (name, µs per round trip, µs per new connection).
+    cpu_breakdown: Vec<(String, f64, f64)>,
     errors: Vec<String>,
 }
 
@@ -1182,20 +1229,37 @@ async fn bench(args: &Args, bins: &Path) -> Result<()> {
                 }
                 Err(e) => s.errors.push(format!("round {} bulk: {e:#}", round + 1)),
             }
+            let cpu_before = peer.cpu();
+            let mut cpu_rt = None;
             match latency(peer.entry, args.round_trips).await {
                 Ok((p50, p99)) => {
                     s.p50.push(p50);
                     s.p99.push(p99);
                     let _ = write!(line, "  p50 {p50:7.1} µs  p99 {p99:7.1} µs");
+                    cpu_rt = Some(cpu_per(&cpu_before, &peer.cpu(), args.round_trips + 100));
                 }
                 Err(e) => s.errors.push(format!("round {} latency: {e:#}", round + 1)),
             }
+            let cpu_before = peer.cpu();
+            let mut cpu_conn = None;
             match conn_rate(peer.entry, args.conns, args.conn_secs).await {
-                Ok(c) => {
+                Ok((c, done)) => {
                     s.cps.push(c);
                     let _ = write!(line, "  {c:8.0} conn/s");
+                    cpu_conn = Some(cpu_per(&cpu_before, &peer.cpu(), done));
                 }
                 Err(e) => s.errors.push(format!("round {} conn/s: {e:#}", round + 1)),
+            }
+            if !peer.procs.is_empty()
+                && let (Some(rt), Some(conn)) = (cpu_rt, cpu_conn)
+            {
+                s.cpu_rt.push(rt.iter().map(|(_, v)| v).sum());
+                s.cpu_conn.push(conn.iter().map(|(_, v)| v).sum());
+                s.cpu_breakdown = rt
+                    .into_iter()
+                    .zip(conn)
+                    .map(|((n, r), (_, c))| (n, r, c))
+                    .collect();
             }
             if peer.procs.is_empty() {
                 let _ = write!(line, "  RSS n/a");
@@ -1269,6 +1333,13 @@ fn thousands(x: f64) -> String {
 fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples>) {
     let get = |name: &str| samples.get(name);
     let med = |name: &str, f: fn(&Samples) -> &Vec<f64>| get(name).and_then(|s| median(f(s)));
+    // The paths that ran, with their samples.
+    let measured = || {
+        setups.iter().filter_map(|s| match s {
+            Setup::Ready(p) => get(p.name).map(|s| (p, s)),
+            Setup::Skipped { .. } => None,
+        })
+    };
     let d_bulk = med(DIRECT, |s| &s.bulk);
     let d_p50 = med(DIRECT, |s| &s.p50);
     let d_cps = med(DIRECT, |s| &s.cps);
@@ -1331,46 +1402,54 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
     }
     // Spread, so noise is visible.
     println!("\nmin–max over rounds:");
-    for setup in setups {
-        if let Setup::Ready(p) = setup
-            && let Some(s) = get(p.name)
-        {
-            let range = |v: &Vec<f64>, prec: usize| {
-                if v.is_empty() {
-                    "-".to_string()
-                } else {
-                    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-                    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    format!("{lo:.prec$}–{hi:.prec$}")
-                }
-            };
-            println!(
-                "  {:<24} bulk {} Gbit/s, p50 {} µs, {} conn/s, RSS held {} MiB",
-                p.name,
-                range(&s.bulk, 2),
-                range(&s.p50, 1),
-                range(&s.cps, 0),
-                range(&s.rss_held, 1)
-            );
+    let range = |v: &Vec<f64>, prec: usize| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            format!("{lo:.prec$}–{hi:.prec$}")
         }
+    };
+    for (p, s) in measured() {
+        println!(
+            "  {:<24} bulk {} Gbit/s, p50 {} µs, {} conn/s, RSS held {} MiB",
+            p.name,
+            range(&s.bulk, 2),
+            range(&s.p50, 1),
+            range(&s.cps, 0),
+            range(&s.rss_held, 1)
+        );
     }
     // Where the memory is.
     println!(
         "\nRSS with {} idle connections, last round, per process:",
         args.idle
     );
-    for setup in setups {
-        if let Setup::Ready(p) = setup
-            && let Some(s) = get(p.name)
-            && !s.breakdown.is_empty()
-        {
-            let parts: Vec<String> = s
-                .breakdown
-                .iter()
-                .map(|(n, k)| format!("{n} {:.1} MiB", *k as f64 / 1024.0))
-                .collect();
-            println!("  {:<24} {}", p.name, parts.join(", "));
-        }
+    for (p, s) in measured().filter(|(_, s)| !s.breakdown.is_empty()) {
+        let parts: Vec<String> = s
+            .breakdown
+            .iter()
+            .map(|(n, k)| format!("{n} {:.1} MiB", *k as f64 / 1024.0))
+            .collect();
+        println!("  {:<24} {}", p.name, parts.join(", "));
+    }
+    // Where the CPU goes: what the path's own processes spend per round trip and per new
+    // connection (the benchmark's client and service are the same for every path).
+    println!("\nCPU of the path's processes, user + system (medians; per process: last round):");
+    for (p, s) in measured().filter(|(_, s)| !s.cpu_breakdown.is_empty()) {
+        let parts: Vec<String> = s
+            .cpu_breakdown
+            .iter()
+            .map(|(n, rt, c)| format!("{n} {rt:.0}/{c:.0}"))
+            .collect();
+        println!(
+            "  {:<24} {} µs per round trip, {} µs per new connection ({})",
+            p.name,
+            fmt_opt(median(&s.cpu_rt), |v| format!("{v:.1}")),
+            fmt_opt(median(&s.cpu_conn), |v| format!("{v:.0}")),
+            parts.join(", ")
+        );
     }
     let errors: Vec<(&str, &String)> = setups
         .iter()
@@ -1409,6 +1488,7 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
         np(|s| &s.cps),
         np(|s| &s.rss_held),
     );
+    let (n_cpu_rt, n_cpu_conn) = (np(|s| &s.cpu_rt), np(|s| &s.cpu_conn));
     if get(NETPORT).is_none() {
         return;
     }
@@ -1418,12 +1498,19 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
             continue;
         }
         println!(
-            "  vs {:<24} bulk ×{}, p50 ×{}, new conn/s ×{}, RSS held ×{}",
+            "  vs {:<24} bulk ×{}, p50 ×{}, new conn/s ×{}, RSS held ×{}, CPU per round trip \
+             ×{}, CPU per new connection ×{}",
             peer,
             fmt_opt(ratio(n_bulk, med(peer, |s| &s.bulk)), |v| format!("{v:.2}")),
             fmt_opt(ratio(n_p50, med(peer, |s| &s.p50)), |v| format!("{v:.2}")),
             fmt_opt(ratio(n_cps, med(peer, |s| &s.cps)), |v| format!("{v:.2}")),
             fmt_opt(ratio(n_mem, med(peer, |s| &s.rss_held)), |v| format!(
+                "{v:.2}"
+            )),
+            fmt_opt(ratio(n_cpu_rt, med(peer, |s| &s.cpu_rt)), |v| format!(
+                "{v:.2}"
+            )),
+            fmt_opt(ratio(n_cpu_conn, med(peer, |s| &s.cpu_conn)), |v| format!(
                 "{v:.2}"
             )),
         );
@@ -1540,5 +1627,37 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
                 fmt_opt(n_mem, |v| format!("{v:.1} MiB"))
             ),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{cpu_us, stat_cpu_us};
+
+    #[test]
+    fn cpu_time_is_read_past_a_command_name_with_spaces_and_parentheses() {
+        // utime 7, stime 3, cutime 2, cstime 1 ticks of 10 ms.
+        let stat = "42 (my (odd) name) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 2 1 20 0 1 0 5 6 7";
+        assert_eq!(stat_cpu_us(stat), 130_000);
+        assert_eq!(stat_cpu_us("garbage"), 0);
+        assert_eq!(cpu_us(u32::MAX), 0, "a process that is gone reads 0");
+    }
+
+    #[test]
+    fn cpu_time_grows_while_this_process_computes() {
+        let me = std::process::id();
+        let start = cpu_us(me);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut x = 0u64;
+        while cpu_us(me) < start + 30_000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "30 ms of CPU were not counted within 20 s"
+            );
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+        }
+        assert!(cpu_us(me) >= start + 30_000);
     }
 }
