@@ -978,7 +978,11 @@ async fn bulk(addr: SocketAddr, bytes: u64) -> Result<f64> {
         .map_err(|_| anyhow!("bulk transfer did not finish within 180 s"))?
 }
 
-/// p50 and p99 (µs) of `n` 64-byte round trips on one connection.
+/// Round trips made before a latency measurement starts counting.
+const WARM_UP_ROUND_TRIPS: usize = 100;
+
+/// p50 and p99 (µs) of `n` 64-byte round trips on one connection, after
+/// [`WARM_UP_ROUND_TRIPS`] unmeasured ones.
 async fn latency(addr: SocketAddr, n: usize) -> Result<(f64, f64)> {
     let run = async {
         let mut s = TcpStream::connect(addr).await?;
@@ -986,11 +990,11 @@ async fn latency(addr: SocketAddr, n: usize) -> Result<(f64, f64)> {
         let msg = [b'e'; 64];
         let mut back = [0u8; 64];
         let mut samples = Vec::with_capacity(n);
-        for i in 0..n + 100 {
+        for i in 0..n + WARM_UP_ROUND_TRIPS {
             let t = Instant::now();
             s.write_all(&msg).await?;
             s.read_exact(&mut back).await?;
-            if i >= 100 {
+            if i >= WARM_UP_ROUND_TRIPS {
                 samples.push(t.elapsed().as_secs_f64() * 1e6);
             }
         }
@@ -1236,7 +1240,11 @@ async fn bench(args: &Args, bins: &Path) -> Result<()> {
                     s.p50.push(p50);
                     s.p99.push(p99);
                     let _ = write!(line, "  p50 {p50:7.1} µs  p99 {p99:7.1} µs");
-                    cpu_rt = Some(cpu_per(&cpu_before, &peer.cpu(), args.round_trips + 100));
+                    cpu_rt = Some(cpu_per(
+                        &cpu_before,
+                        &peer.cpu(),
+                        args.round_trips + WARM_UP_ROUND_TRIPS,
+                    ));
                 }
                 Err(e) => s.errors.push(format!("round {} latency: {e:#}", round + 1)),
             }

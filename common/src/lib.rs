@@ -139,7 +139,7 @@ const KEEP_FREED: usize = 4 << 20;
 /// Only glibc has the knob; elsewhere this does nothing. It also fixes glibc's threshold for
 /// serving allocations with `mmap` at its initial 128 KiB (no buffer a daemon churns is
 /// that large).
-pub fn keep_freed_memory() {
+fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[allow(unsafe_code)] // one call with two integers; glibc documents it as safe at any time
     {
@@ -152,6 +152,14 @@ pub fn keep_freed_memory() {
             );
         }
     }
+}
+
+/// What every daemon sets up for its process before it reads its configuration: logs, the
+/// open-files limit, the allocator's trim threshold.
+pub fn prepare_process(log: LogFormat) {
+    init_logs(log);
+    raise_open_files_limit();
+    keep_freed_memory();
 }
 
 /// Runs a daemon's main loop as a task on a worker, not on `block_on`'s thread: the main
@@ -179,9 +187,7 @@ where
     Fut: std::future::Future<Output = Result<()>> + Send + 'static,
 {
     use std::process::ExitCode;
-    init_logs(log);
-    raise_open_files_limit();
-    keep_freed_memory();
+    prepare_process(log);
     let config = match load() {
         Ok(c) => c,
         Err(e) => {

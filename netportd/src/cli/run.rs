@@ -2,9 +2,7 @@
 
 use std::path::PathBuf;
 
-use netport_common::{
-    LogFormat, init_logs, keep_freed_memory, on_worker, raise_open_files_limit, wait_for_signal,
-};
+use netport_common::{LogFormat, on_worker, prepare_process, wait_for_signal};
 use netportd::server;
 use tokio::sync::watch;
 
@@ -21,9 +19,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> u8 {
-    init_logs(args.log_format);
-    raise_open_files_limit();
-    keep_freed_memory();
+    prepare_process(args.log_format);
     // Validate everything before any socket opens.
     let config = match server::Config::load(&args.config) {
         Ok(c) => c,
