@@ -77,6 +77,10 @@ pub struct Args {
     /// or `sockmap` (in the kernel; needs root, and has no backpressure: trusted portals only).
     #[arg(long, default_value = "copy", value_parser = ["copy", "splice", "sockmap"])]
     relay_tcp_path: String,
+    /// The portals' `threads` (portal.toml) for Netport: 0 (the portal's default) runs each
+    /// portal on a thread per CPU, 1 on a single thread.
+    #[arg(long)]
+    portal_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -1148,7 +1152,11 @@ async fn bench(args: &Args, bins: &Path) -> Result<()> {
         }));
     }
     if want(PeerKind::Netport) {
-        let peer = start_netport(&root, bins, service, "", &args.relay_tcp_path)
+        let threads = args
+            .portal_threads
+            .map(|n| format!("threads = {n}\n"))
+            .unwrap_or_default();
+        let peer = start_netport(&root, bins, service, &threads, &args.relay_tcp_path)
             .await
             .context("starting Netport (netportd, relayd, 2 portals)")?;
         println!(

@@ -175,9 +175,30 @@ where
         .map_err(|e| anyhow!("the main task failed: {e}"))?
 }
 
+/// What [`daemon_main`] needs to know of a daemon's validated configuration.
+pub trait DaemonConfig {
+    /// Threads the runtime runs tasks on: 1 is a single-threaded runtime (no hand-offs
+    /// between threads), 0 one worker per CPU.
+    fn worker_threads(&self) -> usize;
+}
+
+/// A runtime with `threads` workers, as [`DaemonConfig::worker_threads`] says.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads == 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if threads > 1 {
+        b.worker_threads(threads);
+    }
+    b.enable_all().build()
+}
+
 /// A daemon's `main`: logs, a configuration validated before anything else (exit 2 on a bad
 /// one), a runtime, and `run` until SIGTERM or Ctrl-C (exit 0) or a failure (exit 1).
-pub fn daemon_main<C, F, Fut>(
+pub fn daemon_main<C: DaemonConfig, F, Fut>(
     log: LogFormat,
     load: impl FnOnce() -> Result<C>,
     run: F,
@@ -195,16 +216,19 @@ where
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = config.worker_threads();
+    let rt = match runtime(threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::from(1);
         }
     };
+    let threads = match threads {
+        0 => rt.metrics().num_workers(),
+        n => n,
+    };
+    tracing::info!(threads, "runtime started");
     rt.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {

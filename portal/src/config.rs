@@ -46,6 +46,11 @@ pub struct PortalToml {
     /// before it falls back to TCP (default 3000).
     #[serde(default = "default_quic_timeout")]
     pub quic_timeout_ms: u64,
+    /// Threads the portal runs on: 0 (the default) is one per CPU, 1 a single-threaded
+    /// portal, which spends less CPU on each new connection (no hand-offs between threads);
+    /// README "Threads" has the measured trade-off.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
     /// Certificates.
     pub tls: netport_common::TlsToml,
 }
@@ -76,6 +81,13 @@ impl QuicMode {
         }
     }
 }
+
+fn default_threads() -> usize {
+    0
+}
+
+/// The most `threads` may be.
+pub const MAX_THREADS: usize = 1024;
 
 fn default_quic_timeout() -> u64 {
     3000
@@ -138,6 +150,14 @@ pub struct Config {
     pub quic: QuicMode,
     /// The client's QUIC attempt before it falls back to TCP.
     pub quic_timeout: std::time::Duration,
+    /// Runtime threads (`threads`): 0 one per CPU, 1 single-threaded.
+    pub threads: usize,
+}
+
+impl netport_common::DaemonConfig for Config {
+    fn worker_threads(&self) -> usize {
+        self.threads
+    }
 }
 
 impl Config {
@@ -178,7 +198,15 @@ impl Config {
                 raw.quic_timeout_ms
             );
         }
+        if raw.threads > MAX_THREADS {
+            bail!(
+                "`threads` = {} is more than {MAX_THREADS}; use 0 (the default) for one per \
+                 CPU, or a number of threads",
+                raw.threads
+            );
+        }
         Ok(Config {
+            threads: raw.threads,
             servers,
             max_streams_per_link: raw.max_streams_per_link,
             link_idle: std::time::Duration::from_secs(raw.link_idle_secs),

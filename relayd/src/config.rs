@@ -181,6 +181,13 @@ pub struct Config {
     pub shutdown_grace: std::time::Duration,
 }
 
+impl netport_common::DaemonConfig for Config {
+    /// One worker per CPU: a relay forwards for many links at once.
+    fn worker_threads(&self) -> usize {
+        0
+    }
+}
+
 impl Config {
     /// Reads and validates `path`. Errors name the key and the fix.
     pub fn load(path: &Path) -> Result<Config> {

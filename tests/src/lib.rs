@@ -443,6 +443,30 @@ impl System {
         )
     }
 
+    /// Like [`System::start`] (TCP links), with `portal_extra` (TOML lines) added to every
+    /// portal.toml.
+    pub fn start_portals_with(
+        policy: &str,
+        portals: &[&str],
+        portal_extra: &str,
+    ) -> Result<System> {
+        Self::start_portal_lines(policy, portals, &format!("quic = \"off\"\n{portal_extra}"))
+    }
+
+    /// One relay on 127.0.0.1, a fresh PKI, and `lines` (TOML) in every portal.toml.
+    fn start_portal_lines(policy: &str, portals: &[&str], lines: &str) -> Result<System> {
+        Self::start_full(
+            Pki::new()?,
+            policy,
+            portals,
+            1,
+            "127.0.0.1",
+            Layout::Plain,
+            lines,
+            "",
+        )
+    }
+
     /// Like [`System::start_in`] with one relay on 127.0.0.1, with `netportd_extra` (TOML
     /// lines) added to netportd.toml.
     pub fn start_tuned(
@@ -477,20 +501,11 @@ impl System {
         let mode = mode
             .map(|m| format!("quic = \"{m}\"\n"))
             .unwrap_or_default();
-        Self::start_full(
-            Pki::new()?,
-            policy,
-            portals,
-            1,
-            "127.0.0.1",
-            Layout::Plain,
-            &format!("{mode}quic_timeout_ms = 10000\n"),
-            "",
-        )
+        Self::start_portal_lines(policy, portals, &format!("{mode}quic_timeout_ms = 10000\n"))
     }
 
-    /// `quic`: the portals' QUIC lines for portal.toml; `netportd_extra`: lines for
-    /// netportd.toml.
+    /// `quic`: the portals' lines for portal.toml (their QUIC setting and any other);
+    /// `netportd_extra`: lines for netportd.toml.
     #[allow(clippy::too_many_arguments)]
     fn start_full(
         pki: Pki,

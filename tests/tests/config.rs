@@ -68,6 +68,15 @@ fn bad_configurations_exit_two_naming_the_key() {
             "quic_timeout_ms",
         ),
         (
+            "portal",
+            vec![],
+            format!(
+                "servers = [\"127.0.0.1:1\"]\nthreads = 5000\n{}",
+                tls(&good_cert)
+            ),
+            "threads",
+        ),
+        (
             "relayd",
             vec![],
             format!(

@@ -160,11 +160,33 @@ service = "echo"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_each_way_and_two_hundred_concurrent_connections() -> Result<()> {
+    big_and_many("").await.map(drop)
+}
+
+/// The same with single-threaded portals (`threads = 1`) instead of the default thread
+/// per CPU: the two runtimes carry the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_with_single_threaded_portals() -> Result<()> {
+    let sys = big_and_many("threads = 1\n").await?;
+    for portal in ["alice", "nas"] {
+        let log = sys.log(&format!("portal-{portal}"));
+        assert!(
+            log.contains("threads=1") && log.contains("runtime started"),
+            "portal {portal} should say it runs on one thread:\n{log}"
+        );
+    }
+    Ok(())
+}
+
+/// 64 MiB each way, then 200 concurrent connections, every byte compared, over one link;
+/// `portal_extra` goes into both portal.toml files. Returns the system, still running.
+async fn big_and_many(portal_extra: &str) -> Result<System> {
     let echo = echo_service().await?;
     let (port, _) = netport_e2e::free_port_range(1)?;
-    let sys = System::start(
+    let sys = System::start_portals_with(
         &two_portal_policy(&echo.to_string(), port),
         &["alice", "nas"],
+        portal_extra,
     )?;
     let listen = format!("127.0.0.1:{port}");
     wait_listening(&listen, T)
@@ -192,7 +214,7 @@ async fn sixty_four_mib_each_way_and_two_hundred_concurrent_connections() -> Res
         links <= 2,
         "200 connections should share one link, saw {links} links"
     );
-    Ok(())
+    Ok(sys)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
