@@ -77,8 +77,8 @@ pub struct Args {
     /// or `sockmap` (in the kernel; needs root, and has no backpressure: trusted portals only).
     #[arg(long, default_value = "copy", value_parser = ["copy", "splice", "sockmap"])]
     relay_tcp_path: String,
-    /// The portals' `threads` (portal.toml) for Netport: 0 (the portal's default) runs each
-    /// portal on a thread per CPU, 1 on a single thread.
+    /// The portals' `threads` (portal.toml) for Netport: 1 (the portal's default) runs each
+    /// portal on a single thread, 0 on a thread per CPU.
     #[arg(long)]
     portal_threads: Option<usize>,
 }
@@ -98,10 +98,18 @@ pub fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    // The measuring client runs as a task on a worker, as a tokio client does. On
+    // `block_on`'s thread every reply would reach it through a worker: one more wake-up per
+    // round trip that belongs to no path, which made the number of wake-ups per round trip
+    // odd, so that every process changed CPU at each round trip (bench/README.md).
+    let mut task = rt.spawn(async move { bench(&args, &bin_dir).await });
     rt.block_on(async {
         tokio::select! {
-            r = bench(&args, &bin_dir) => r,
-            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted; child processes stopped")),
+            r = &mut task => r.map_err(|e| anyhow!("the benchmark task failed: {e}"))?,
+            _ = tokio::signal::ctrl_c() => {
+                task.abort();
+                Err(anyhow!("interrupted; child processes stopped"))
+            }
         }
     })
 }

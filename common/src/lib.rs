@@ -228,7 +228,8 @@ where
         0 => rt.metrics().num_workers(),
         n => n,
     };
-    tracing::info!(threads, "runtime started");
+    let flavor = rt.handle().runtime_flavor();
+    tracing::info!(threads, ?flavor, "runtime started");
     rt.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {

@@ -46,9 +46,9 @@ pub struct PortalToml {
     /// before it falls back to TCP (default 3000).
     #[serde(default = "default_quic_timeout")]
     pub quic_timeout_ms: u64,
-    /// Threads the portal runs on: 0 (the default) is one per CPU, 1 a single-threaded
-    /// portal, which spends less CPU on each new connection (no hand-offs between threads);
-    /// README "Threads" has the measured trade-off.
+    /// Threads the portal runs on: 1 (the default) is a single-threaded portal, which
+    /// spends less CPU on each new connection (no hand-offs between threads); 0 is one per
+    /// CPU. README "Threads" has the measured trade-off.
     #[serde(default = "default_threads")]
     pub threads: usize,
     /// Certificates.
@@ -83,7 +83,7 @@ impl QuicMode {
 }
 
 fn default_threads() -> usize {
-    0
+    1
 }
 
 /// The most `threads` may be.
@@ -150,7 +150,7 @@ pub struct Config {
     pub quic: QuicMode,
     /// The client's QUIC attempt before it falls back to TCP.
     pub quic_timeout: std::time::Duration,
-    /// Runtime threads (`threads`): 0 one per CPU, 1 single-threaded.
+    /// Runtime threads (`threads`): 1 single-threaded, 0 one per CPU.
     pub threads: usize,
 }
 
@@ -200,8 +200,8 @@ impl Config {
         }
         if raw.threads > MAX_THREADS {
             bail!(
-                "`threads` = {} is more than {MAX_THREADS}; use 0 (the default) for one per \
-                 CPU, or a number of threads",
+                "`threads` = {} is more than {MAX_THREADS}; use 1 (the default), a number of \
+                 threads, or 0 for one per CPU",
                 raw.threads
             );
         }

@@ -160,19 +160,25 @@ service = "echo"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_each_way_and_two_hundred_concurrent_connections() -> Result<()> {
-    big_and_many("").await.map(drop)
+    let sys = big_and_many("").await?;
+    // The default: single-threaded portals.
+    assert!(
+        sys.log("portal-alice")
+            .contains("threads=1 flavor=CurrentThread")
+    );
+    Ok(())
 }
 
-/// The same with single-threaded portals (`threads = 1`) instead of the default thread
-/// per CPU: the two runtimes carry the same bytes.
+/// The same with portals on a thread per CPU (`threads = 0`) instead of the default single
+/// thread: the two runtimes carry the same bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_with_single_threaded_portals() -> Result<()> {
-    let sys = big_and_many("threads = 1\n").await?;
+async fn the_same_with_portals_on_a_thread_per_cpu() -> Result<()> {
+    let sys = big_and_many("threads = 0\n").await?;
     for portal in ["alice", "nas"] {
         let log = sys.log(&format!("portal-{portal}"));
         assert!(
-            log.contains("threads=1") && log.contains("runtime started"),
-            "portal {portal} should say it runs on one thread:\n{log}"
+            log.contains("flavor=MultiThread"),
+            "portal {portal} should run on a thread per CPU:\n{log}"
         );
     }
     Ok(())
