@@ -164,8 +164,9 @@ pub fn prepare_process(log: LogFormat) {
 
 /// Runs a daemon's main loop as a task on a worker, not on `block_on`'s thread: the main
 /// loop is woken often (a portal's control session hears of every closed connection), and
-/// waking a task on a worker is a queue push, where waking `block_on`'s thread is a futex
-/// call and a switch.
+/// on a multi-thread runtime waking a task on a worker is a queue push, where waking
+/// `block_on`'s thread is a futex call and a switch. (On a single-threaded runtime the two
+/// are the same thread.)
 pub async fn on_worker<F>(main: F) -> Result<()>
 where
     F: std::future::Future<Output = Result<()>> + Send + 'static,
@@ -182,18 +183,23 @@ pub trait DaemonConfig {
     fn worker_threads(&self) -> usize;
 }
 
-/// A runtime with `threads` workers, as [`DaemonConfig::worker_threads`] says.
+/// A daemon's runtime with `threads` workers, as [`DaemonConfig::worker_threads`] says;
+/// logs which it started.
 pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    if threads == 1 {
-        return tokio::runtime::Builder::new_current_thread()
+    let rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build();
-    }
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if threads > 1 {
-        b.worker_threads(threads);
-    }
-    b.enable_all().build()
+            .build()?
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b.enable_all().build()?
+    };
+    let (threads, flavor) = (rt.metrics().num_workers(), rt.handle().runtime_flavor());
+    tracing::info!(threads, ?flavor, "runtime started");
+    Ok(rt)
 }
 
 /// A daemon's `main`: logs, a configuration validated before anything else (exit 2 on a bad
@@ -216,20 +222,13 @@ where
             return ExitCode::from(2);
         }
     };
-    let threads = config.worker_threads();
-    let rt = match runtime(threads) {
+    let rt = match runtime(config.worker_threads()) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::from(1);
         }
     };
-    let threads = match threads {
-        0 => rt.metrics().num_workers(),
-        n => n,
-    };
-    let flavor = rt.handle().runtime_flavor();
-    tracing::info!(threads, ?flavor, "runtime started");
     rt.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use netport_common::{LogFormat, on_worker, prepare_process, wait_for_signal};
+use netport_common::{LogFormat, on_worker, prepare_process, runtime, wait_for_signal};
 use netportd::server;
 use tokio::sync::watch;
 
@@ -28,10 +28,8 @@ pub fn run(args: Args) -> u8 {
             return EXIT_USAGE;
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // A thread per CPU: netportd serves every portal's control session.
+    let rt = match runtime(0) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
