@@ -3,7 +3,7 @@
 //! ```text
 //! netport-bench gen --portals 10000 --services 1000 --access 10000 --out DIR
 //! netport-bench policy [--portals N] [--services N] [--access N] [--runs N]
-//! netport-bench tunnel [--rounds N] [--peers direct,netport,ssh,stunnel,rathole]
+//! netport-bench tunnel [--rounds N] [--peers direct,plain-chain,netport,ssh,stunnel,rathole]
 //! netport-bench relay-udp [--seconds N] [--sizes 64,1400] [--paths userspace,xdp]
 //! netport-bench relay-tcp [--rounds N] [--mib N] [--paths copy,splice,sockmap]
 //! netport-bench udp-tunnel [--rounds N] [--seconds N] [--sizes 64,1400]
@@ -20,6 +20,7 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+mod forward;
 mod generate;
 mod policy;
 mod relay_tcp;
@@ -81,6 +82,14 @@ enum Command {
     EchoService {
         #[arg(long)]
         listen: std::net::SocketAddr,
+    },
+    /// A plain TCP forwarder, one hop of `tunnel`'s `plain chain` path (internal).
+    #[command(hide = true)]
+    Forward {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        to: std::net::SocketAddr,
     },
 }
 
@@ -178,5 +187,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sessions(args) => sessions::run(args),
         Command::Streams(args) => streams::run(args),
         Command::EchoService { listen } => streams::echo_service(listen),
+        Command::Forward { listen, to } => forward::forward(listen, to),
     }
 }

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! direct    client ─────────────────────────────────────────────────────────▶ service
+//! plain     client ─▶ forward ─────────▶ forward ─────────▶ forward ───────────▶ service
 //! netport   client ─▶ portal ══ TLS ══▶ relayd ══ TLS ══▶ portal ─────────────▶ service
 //! ssh -L    client ─▶ ssh ══ SSH ══▶ sshd ─────────────────────────────────────▶ service
 //! stunnel   client ─▶ stunnel ══ mTLS 1.3 ══▶ stunnel relay ══ mTLS 1.3 ══▶ stunnel ─▶ service
@@ -16,6 +17,11 @@
 //! included). Metrics per path, measured in interleaved rounds: bulk throughput, round-trip
 //! latency of 64-byte messages on one connection, sequential new connections per second, and
 //! the RSS of the path's processes with N idle connections held open through it.
+//!
+//! The `plain chain` is three processes of this binary (`forward`, see forward.rs) that copy
+//! bytes and nothing else: the floor of Netport's shape on the machine, so the report can
+//! say how much of Netport's latency is the three processes on its path and how much is
+//! Netport.
 //!
 //! Every loop is bounded in count and time; every child process (and its descendants, for
 //! sshd) is killed when its guard drops, on success, error or Ctrl-C.
@@ -86,6 +92,8 @@ pub struct Args {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum PeerKind {
     Direct,
+    /// Three plain forwarders in a row: the shape's floor (forward.rs).
+    PlainChain,
     Netport,
     Ssh,
     Stunnel,
@@ -525,6 +533,7 @@ enum Setup {
 
 const NETPORT: &str = "netport";
 const DIRECT: &str = "direct";
+const PLAIN_CHAIN: &str = "plain chain";
 const SSH: &str = "ssh -L";
 const STUNNEL: &str = "stunnel chain";
 const RATHOLE_TLS: &str = "rathole (TLS)";
@@ -680,6 +689,35 @@ service = "bench"
 }
 
 /// A private sshd on a high port and `ssh -N -L` to it.
+/// Three `forward` processes of this binary in a row: client → forward → forward → forward
+/// → service, the shape of Netport's path with nothing but copies in it.
+async fn start_plain_chain(root: &Path, service: SocketAddr) -> Result<Peer> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let dir = root.join("plain-chain");
+    std::fs::create_dir_all(&dir)?;
+    let base = free_ports(3)?;
+    let entries = [local(base), local(base + 1), local(base + 2)];
+    let mut procs = Vec::new();
+    for (i, listen) in entries.iter().enumerate() {
+        let to = entries.get(i + 1).copied().unwrap_or(service);
+        let name = format!("forward-{}", i + 1);
+        let mut cmd = Command::new(&exe);
+        cmd.arg("forward")
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--to")
+            .arg(to.to_string());
+        procs.push(Proc::spawn(&name, cmd, &dir.join(format!("{name}.log")))?);
+    }
+    wait_echo(entries[0], Duration::from_secs(10), &mut procs).await?;
+    Ok(Peer {
+        name: PLAIN_CHAIN,
+        entry: entries[0],
+        procs,
+        mem_note: "3 forwarding processes, plain TCP, a thread per direction".into(),
+    })
+}
+
 async fn start_ssh(root: &Path, service: SocketAddr) -> Result<Setup> {
     let skip = |reason: String| Ok(Setup::Skipped { name: SSH, reason });
     let Some(sshd) = which("sshd") else {
@@ -1159,6 +1197,16 @@ async fn bench(args: &Args, bins: &Path) -> Result<()> {
             mem_note: "no process in between".into(),
         }));
     }
+    if want(PeerKind::PlainChain) {
+        let peer = start_plain_chain(&root, service)
+            .await
+            .context("starting the plain chain (3 forwarders)")?;
+        println!(
+            "  {}: this binary's `forward` ({})",
+            peer.name, peer.mem_note
+        );
+        setups.push(Setup::Ready(peer));
+    }
     if want(PeerKind::Netport) {
         let threads = args
             .portal_threads
@@ -1517,7 +1565,7 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
         return;
     }
     println!("\nNetport against the peers (Netport's figure over the peer's):");
-    for peer in [SSH, STUNNEL, RATHOLE_TLS, RATHOLE_TCP] {
+    for peer in [PLAIN_CHAIN, SSH, STUNNEL, RATHOLE_TLS, RATHOLE_TCP] {
         if get(peer).is_none() {
             continue;
         }
@@ -1609,6 +1657,14 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
             ),
         ),
     }
+    if let Some(c) = med(PLAIN_CHAIN, |s| &s.cps) {
+        println!(
+            "            the plain chain (3 forwarders, a thread per direction): {} conn/s; \
+             Netport ×{} of it",
+            thousands(c),
+            fmt_opt(ratio(n_cps, Some(c)), |v| format!("{v:.2}")),
+        );
+    }
     let st_p50 = med(STUNNEL, |s| &s.p50);
     match ratio(n_p50, st_p50) {
         Some(r) => goal(
@@ -1625,6 +1681,16 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
             None,
             "stunnel chain not measured".into(),
         ),
+    }
+    // What the shape allows: the same three processes on the path, doing nothing but copy.
+    let pc_p50 = med(PLAIN_CHAIN, |s| &s.p50);
+    if let Some(floor) = pc_p50 {
+        println!(
+            "            the shape's floor, the plain chain (3 forwarders, no encryption): p50 \
+             {floor:.1} µs = ×{} the stunnel chain; Netport ×{} the plain chain",
+            fmt_opt(ratio(pc_p50, st_p50), |v| format!("{v:.2}")),
+            fmt_opt(ratio(n_p50, pc_p50), |v| format!("{v:.2}")),
+        );
     }
     let rt_mem = med(RATHOLE_TLS, |s| &s.rss_held);
     match ratio(n_mem, rt_mem) {
