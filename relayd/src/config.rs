@@ -43,7 +43,8 @@ pub struct RelaydToml {
     /// can load, else userspace, with one log line saying why) or "userspace".
     #[serde(default = "default_udp_fast_path")]
     pub udp_fast_path: String,
-    /// How paired TCP allocations are forwarded: "copy" (default: a copy loop in relayd),
+    /// How paired TCP allocations are forwarded: "copy" (default: a copy loop in relayd, a
+    /// thread per direction),
     /// "splice" (splice(2) through a pipe per direction: no copy into userspace) or
     /// "sockmap" (relayd-ebpf/tcp_splice.c redirects segments in the kernel; copy when the
     /// program cannot load, with one log line saying why).
@@ -140,7 +141,7 @@ impl XdpSettings {
 /// How paired TCP allocations are forwarded (`tcp_fast_path`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TcpFastPath {
-    /// A copy loop in relayd.
+    /// A copy loop in relayd, a thread per direction.
     Copy,
     /// splice(2) through a pipe per direction.
     Splice,

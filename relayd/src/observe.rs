@@ -15,7 +15,7 @@ use crate::pairing::{Allocations, Closed};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PathLabel {
-    /// The forwarding path: `tcp-userspace` (a copy loop in this process), `tcp-splice`
+    /// The forwarding path: `tcp-userspace` (a copy loop in this process, a thread per direction), `tcp-splice`
     /// (splice(2) through pipes), `tcp-sockmap` (the kernel's sockmap), `udp-userspace`,
     /// `udp-xdp` (the kernel fast path), `legacy-userspace`.
     path: String,

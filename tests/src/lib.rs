@@ -200,6 +200,18 @@ impl Daemon {
     pub fn fd_count(&self) -> Result<usize> {
         Ok(std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))?.count())
     }
+
+    /// How many of the process's threads have a name that starts with `prefix` (from
+    /// /proc/PID/task/*/comm). A thread that ends between the listing and the read of its
+    /// name is not counted.
+    pub fn threads_named(&self, prefix: &str) -> Result<usize> {
+        let mut n = 0;
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.child.id()))? {
+            let comm = std::fs::read_to_string(task?.path().join("comm")).unwrap_or_default();
+            n += usize::from(comm.starts_with(prefix));
+        }
+        Ok(n)
+    }
 }
 
 /// Resident memory of process `pid`, in KiB.

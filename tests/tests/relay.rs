@@ -126,15 +126,49 @@ async fn answer(s: &mut TcpStream) -> Result<[u8; 4]> {
     Ok(a)
 }
 
+/// Allocates `id` and joins both sides with their tokens; both have had READY.
+async fn paired(
+    conn: &mut ControlConn,
+    id: u64,
+    ta: &Token,
+    tb: &Token,
+) -> Result<(TcpStream, TcpStream)> {
+    let (pa, pb) = allocate(conn, id, ta, tb, 10_000).await?;
+    let mut a = join(pa, ta).await?;
+    let mut b = join(pb, tb).await?;
+    assert_eq!(&answer(&mut a).await?, READY);
+    assert_eq!(&answer(&mut b).await?, READY);
+    Ok((a, b))
+}
+
+/// Releases `id` and checks that relayd reports it closed as released.
+async fn release(conn: &mut ControlConn, id: u64) -> Result<()> {
+    conn.send(&Message::Release { alloc_id: id }).await?;
+    match conn.recv(T).await? {
+        Message::AllocationClosed {
+            alloc_id, reason, ..
+        } if alloc_id == id => {
+            anyhow::ensure!(reason == "released", "allocation {id} closed: {reason}");
+            Ok(())
+        }
+        other => bail!("expected the release of allocation {id}, got {other:?}"),
+    }
+}
+
+/// `s` ends (an end of stream or a reset) within T, and nothing comes before the end.
+async fn ends_without_a_byte(s: &mut TcpStream, what: &str) -> Result<()> {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut got))
+        .await
+        .with_context(|| format!("{what} was kept open"))?;
+    anyhow::ensure!(got.is_empty(), "{what} got {got:?} before its end");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pairs_two_sides_and_forwards_both_ways() -> Result<()> {
     let mut s = start_relay(5).await?;
-    let (ta, tb) = ([1u8; 32], [2u8; 32]);
-    let (pa, pb) = allocate(&mut s.conn, 1, &ta, &tb, 10_000).await?;
-    let mut a = join(pa, &ta).await?;
-    let mut b = join(pb, &tb).await?;
-    assert_eq!(&answer(&mut a).await?, READY);
-    assert_eq!(&answer(&mut b).await?, READY);
+    let (a, b) = paired(&mut s.conn, 1, &[1u8; 32], &[2u8; 32]).await?;
 
     // 1 MiB each way, all bytes checked.
     let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 + i / 251) as u8).collect();
@@ -225,17 +259,42 @@ async fn silent_connections_are_dropped_and_release_frees_the_pair() -> Result<(
     let mut rest = Vec::new();
     tokio::time::timeout(T, silent.read_to_end(&mut rest)).await??;
 
-    s.conn.send(&Message::Release { alloc_id: 4 }).await?;
-    match s.conn.recv(T).await? {
-        Message::AllocationClosed {
-            alloc_id: 4,
-            reason,
-            ..
-        } => assert_eq!(reason, "released"),
-        other => bail!("expected the release of allocation 4, got {other:?}"),
-    }
+    release(&mut s.conn, 4).await?;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(TcpStream::connect(("127.0.0.1", pa)).await.is_err());
+    Ok(())
+}
+
+/// The copy path forwards a pair with a thread per direction; releasing the allocation must
+/// end both connections and both threads, not leave them blocked in `read`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releasing_a_paired_allocation_ends_both_connections_and_its_copy_threads() -> Result<()> {
+    let mut s = start_relay(5).await?;
+    let (mut a, mut b) = paired(&mut s.conn, 10, &[9u8; 32], &[10u8; 32]).await?;
+    a.write_all(b"ping").await?;
+    let mut got = [0u8; 4];
+    tokio::time::timeout(T, b.read_exact(&mut got)).await??;
+    assert_eq!(&got, b"ping");
+    assert_eq!(
+        s.relay.threads_named("relay-copy")?,
+        2,
+        "a paired allocation on the copy path runs a thread per direction"
+    );
+
+    // Both sides stay open and silent: only the release can end the pair.
+    release(&mut s.conn, 10).await?;
+    // The relay shuts the sockets down: an end of stream (or a reset), within T.
+    for side in [&mut a, &mut b] {
+        ends_without_a_byte(side, "a side of the released pair").await?;
+    }
+    let deadline = tokio::time::Instant::now() + T;
+    while s.relay.threads_named("relay-copy")? > 0 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the copy threads outlived their released allocation"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     Ok(())
 }
 
@@ -349,11 +408,7 @@ async fn connections_beyond_sixteen_waiting_for_a_hello_are_closed_and_the_pair_
     }
     // The extra ones end without a byte: no BAD_TOKEN, the relay never read them.
     for c in &mut extra {
-        let mut got = Vec::new();
-        let _ = tokio::time::timeout(T, c.read_to_end(&mut got))
-            .await
-            .context("a connection beyond the limit was kept open")?;
-        assert!(got.is_empty(), "a dropped connection got {got:?}");
+        ends_without_a_byte(c, "a connection beyond the limit").await?;
     }
     let deadline = tokio::time::Instant::now() + T;
     loop {
@@ -582,12 +637,7 @@ async fn sockmap_without_capabilities_falls_back_to_copy_and_says_why() -> Resul
     };
     let no_caps = [setpriv, "--bounding-set=-all", "--inh-caps=-all"];
     let mut s = start_relay_with(5, "tcp_fast_path = \"sockmap\"\n", &no_caps).await?;
-    let (ta, tb) = ([13u8; 32], [14u8; 32]);
-    let (pa, pb) = allocate(&mut s.conn, 21, &ta, &tb, 10_000).await?;
-    let mut a = join(pa, &ta).await?;
-    let mut b = join(pb, &tb).await?;
-    assert_eq!(&answer(&mut a).await?, READY);
-    assert_eq!(&answer(&mut b).await?, READY);
+    let (mut a, mut b) = paired(&mut s.conn, 21, &[13u8; 32], &[14u8; 32]).await?;
     a.write_all(b"through").await?;
     let mut got = [0u8; 7];
     tokio::time::timeout(T, b.read_exact(&mut got)).await??;
