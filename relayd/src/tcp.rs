@@ -116,7 +116,7 @@ pub async fn forward(path: &TcpPath, alloc_id: u64, mut a: TcpStream, mut b: Tcp
     let result = match path {
         TcpPath::Sockmap(map) => sockmap(map, alloc_id, a, b).await,
         TcpPath::Splice => splice(&a, &b).await,
-        TcpPath::Copy => copy(a, b).await,
+        TcpPath::Copy => copy(alloc_id, a, b).await,
     };
     match result {
         Ok((a_to_b, b_to_a)) => Outcome {
@@ -156,7 +156,7 @@ async fn sockmap(
                 alloc_id,
                 "cannot join the sockmap, forwarding this allocation by a copy loop: {e:#}"
             );
-            copy(a, b).await?
+            copy(alloc_id, a, b).await?
         }
     };
     Ok((before_ab + ab, before_ba + ba))
@@ -170,19 +170,30 @@ const COPY_STACK: usize = 128 * 1024;
 
 /// Forwards a pair with a thread per direction, until both directions have ended or one
 /// has failed. Dropping the future (the allocation released or relayd shutting down) shuts
-/// both sockets down, which ends both threads.
-async fn copy(a: TcpStream, b: TcpStream) -> io::Result<(u64, u64)> {
+/// both sockets down, which ends both threads. When the threads cannot start (a task limit
+/// reached), the pair is forwarded on relayd's runtime instead, as before, and a line says
+/// why.
+async fn copy(alloc_id: u64, mut a: TcpStream, mut b: TcpStream) -> io::Result<(u64, u64)> {
+    let threads = match CopyThreads::start() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(
+                alloc_id,
+                "no copy threads for this allocation, forwarding it on relayd's runtime instead: {e}"
+            );
+            return tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUF, COPY_BUF)
+                .await;
+        }
+    };
     // Off tokio's reactor: the threads block in the kernel instead.
     let (a, b) = (a.into_std()?, b.into_std()?);
     a.set_nonblocking(false)?;
     b.set_nonblocking(false)?;
     let closer = ShutOnDrop([a.try_clone()?, b.try_clone()?]);
     let (a2, b2) = (a.try_clone()?, b.try_clone()?);
-    let ab = copy_thread(a, b, "relay-copy-ab")?;
-    // If this one cannot start, `closer` ends the first.
-    let ba = copy_thread(b2, a2, "relay-copy-ba")?;
-    let (ab, ba) = tokio::join!(ab, ba);
     let lost = || io::Error::other("a copy thread ended without a result");
+    let (ab, ba) = threads.run((a, b), (b2, a2)).map_err(|_| lost())?;
+    let (ab, ba) = tokio::join!(ab, ba);
     let (ab, ba) = (ab.map_err(|_| lost())?, ba.map_err(|_| lost())?);
     drop(closer);
     Ok((ab?, ba?))
@@ -199,22 +210,60 @@ impl Drop for ShutOnDrop {
     }
 }
 
-/// Starts a thread that copies `from` to `to` (see [`pump`]); its result comes back through
-/// the receiver.
-fn copy_thread(
-    from: StdStream,
-    to: StdStream,
-    name: &str,
-) -> io::Result<tokio::sync::oneshot::Receiver<io::Result<u64>>> {
+/// A pair's two copy threads, started before they are given the sockets, so that a pair
+/// whose second thread cannot start still has its sockets to forward another way.
+struct CopyThreads {
+    ab: Handoff,
+    ba: Handoff,
+}
+
+/// The way to hand a started copy thread its two sockets, and where its result comes back.
+type Handoff = (
+    std::sync::mpsc::SyncSender<(StdStream, StdStream)>,
+    tokio::sync::oneshot::Receiver<io::Result<u64>>,
+);
+
+/// The results of a pair's two copy threads, a to b and b to a.
+type Results = (
+    tokio::sync::oneshot::Receiver<io::Result<u64>>,
+    tokio::sync::oneshot::Receiver<io::Result<u64>>,
+);
+
+impl CopyThreads {
+    fn start() -> io::Result<CopyThreads> {
+        // If the second cannot start, dropping the first's sender ends the first.
+        let ab = copy_thread("relay-copy-ab")?;
+        let ba = copy_thread("relay-copy-ba")?;
+        Ok(CopyThreads { ab, ba })
+    }
+
+    /// Hands each thread its sockets: `(from, to)` for a to b, then for b to a.
+    fn run(
+        self,
+        ab: (StdStream, StdStream),
+        ba: (StdStream, StdStream),
+    ) -> Result<Results, std::sync::mpsc::SendError<(StdStream, StdStream)>> {
+        self.ab.0.send(ab)?;
+        self.ba.0.send(ba)?;
+        Ok((self.ab.1, self.ba.1))
+    }
+}
+
+/// Starts a thread that waits for its `(from, to)` sockets and copies `from` to `to` (see
+/// [`pump`]); it ends without a result if it is never given them.
+fn copy_thread(name: &str) -> io::Result<Handoff> {
+    let (give, given) = std::sync::mpsc::sync_channel::<(StdStream, StdStream)>(1);
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name(name.into())
         .stack_size(COPY_STACK)
         .spawn(move || {
-            let _ = tx.send(pump(&from, &to));
+            if let Ok((from, to)) = given.recv() {
+                let _ = tx.send(pump(&from, &to));
+            }
         })
         .map_err(|e| context("starting a copy thread", e))?;
-    Ok(rx)
+    Ok((give, rx))
 }
 
 /// Copies `from` to `to` until `from` ends, then ends `to`'s write side, so a half-close

@@ -196,6 +196,11 @@ impl Daemon {
         proc_rss_kib(self.child.id())
     }
 
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// How many file descriptors the process holds (from /proc).
     pub fn fd_count(&self) -> Result<usize> {
         Ok(std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))?.count())

@@ -165,6 +165,18 @@ async fn ends_without_a_byte(s: &mut TcpStream, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// "ping" from `a` reaches `b`, and "pong" from `b` reaches `a`.
+async fn ping_pong(a: &mut TcpStream, b: &mut TcpStream) -> Result<()> {
+    let mut got = [0u8; 4];
+    a.write_all(b"ping").await?;
+    tokio::time::timeout(T, b.read_exact(&mut got)).await??;
+    anyhow::ensure!(&got == b"ping", "a to b carried {got:?}");
+    b.write_all(b"pong").await?;
+    tokio::time::timeout(T, a.read_exact(&mut got)).await??;
+    anyhow::ensure!(&got == b"pong", "b to a carried {got:?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pairs_two_sides_and_forwards_both_ways() -> Result<()> {
     let mut s = start_relay(5).await?;
@@ -271,10 +283,7 @@ async fn silent_connections_are_dropped_and_release_frees_the_pair() -> Result<(
 async fn releasing_a_paired_allocation_ends_both_connections_and_its_copy_threads() -> Result<()> {
     let mut s = start_relay(5).await?;
     let (mut a, mut b) = paired(&mut s.conn, 10, &[9u8; 32], &[10u8; 32]).await?;
-    a.write_all(b"ping").await?;
-    let mut got = [0u8; 4];
-    tokio::time::timeout(T, b.read_exact(&mut got)).await??;
-    assert_eq!(&got, b"ping");
+    ping_pong(&mut a, &mut b).await?;
     assert_eq!(
         s.relay.threads_named("relay-copy")?,
         2,
@@ -295,6 +304,68 @@ async fn releasing_a_paired_allocation_ends_both_connections_and_its_copy_thread
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok(())
+}
+
+/// A pids cgroup (v1) holding one process, whose limit can be set; on drop the process goes
+/// back to the root group and the group is removed.
+struct PidsCgroup {
+    dir: std::path::PathBuf,
+    pid: u32,
+}
+
+impl PidsCgroup {
+    const ROOT: &str = "/sys/fs/cgroup/pids";
+
+    /// `None` when there is no writable pids hierarchy here (not root, or cgroup v2 only).
+    fn hold(pid: u32) -> Option<PidsCgroup> {
+        let dir = std::path::Path::new(Self::ROOT).join(format!("netport-test-{pid}"));
+        std::fs::create_dir(&dir).ok()?;
+        let group = PidsCgroup { dir, pid };
+        std::fs::write(group.dir.join("cgroup.procs"), pid.to_string()).ok()?;
+        Some(group)
+    }
+
+    /// No new thread or process in the group from now on.
+    fn freeze_count(&self) -> Result<()> {
+        let now = std::fs::read_to_string(self.dir.join("pids.current"))?;
+        std::fs::write(self.dir.join("pids.max"), now.trim())?;
+        Ok(())
+    }
+}
+
+impl Drop for PidsCgroup {
+    fn drop(&mut self) {
+        let root = std::path::Path::new(Self::ROOT).join("cgroup.procs");
+        let _ = std::fs::write(root, self.pid.to_string());
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// When the copy threads cannot start (a task limit), the pair is still forwarded, on
+/// relayd's runtime, and the log says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_whose_copy_threads_cannot_start_is_forwarded_on_the_runtime() -> Result<()> {
+    let mut s = start_relay(5).await?;
+    let Some(group) = PidsCgroup::hold(s.relay.id()) else {
+        let msg = "SKIPPED a_pair_whose_copy_threads_cannot_start_is_forwarded_on_the_runtime: \
+                   needs root and a pids cgroup (v1) at /sys/fs/cgroup/pids; CI runs it as root";
+        println!("{msg}");
+        eprintln!("{msg}");
+        return Ok(());
+    };
+    group.freeze_count()?;
+    let (mut a, mut b) = paired(&mut s.conn, 30, &[15u8; 32], &[16u8; 32]).await?;
+    ping_pong(&mut a, &mut b).await?;
+    assert_eq!(s.relay.threads_named("relay-copy")?, 0);
+    let log = std::fs::read_to_string(&s.log)?;
+    assert!(
+        log.contains("no copy threads for this allocation"),
+        "relayd does not say why: {log}"
+    );
+    release(&mut s.conn, 30).await?;
+    ends_without_a_byte(&mut a, "a side of the released pair").await?;
+    drop(group);
     Ok(())
 }
 
@@ -356,13 +427,7 @@ async fn legacy_pair_echoes_hellos_then_readies_refuses_spent_tokens_and_closes_
         "a reused token gets Bad T and a close"
     );
 
-    a.write_all(b"ping").await?;
-    let mut got = [0u8; 4];
-    tokio::time::timeout(T, b.read_exact(&mut got)).await??;
-    assert_eq!(&got, b"ping");
-    b.write_all(b"pong").await?;
-    tokio::time::timeout(T, a.read_exact(&mut got)).await??;
-    assert_eq!(&got, b"pong");
+    ping_pong(&mut a, &mut b).await?;
     // One side closes: the other is closed too, and netportd hears of it.
     drop(a);
     let mut rest = Vec::new();
