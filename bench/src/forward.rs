@@ -9,17 +9,14 @@
 //! the shape's floor on this machine: the cost of three more processes on the path, with
 //! every wake-up that costs, and nothing else. Netport cannot be faster than it on latency.
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread;
 
 use anyhow::{Context, Result};
 
 /// Each thread's stack: the pump needs little, and 1,000 idle connections make 2,000 threads.
 const STACK: usize = 64 * 1024;
-
-/// Bytes moved per read.
-const BUF: usize = 32 * 1024;
 
 /// Accepts on `listen` and forwards every connection to `to`, until killed. A connection
 /// that fails is logged and dropped; only a listener that cannot bind ends the command.
@@ -53,7 +50,8 @@ fn serve(listener: &TcpListener, to: SocketAddr) {
     }
 }
 
-/// Connects `client` to `to` and moves bytes both ways until both directions have ended.
+/// Connects `client` to `to` and moves bytes both ways until both directions have ended,
+/// with relayd's copy loop (`relayd::copy_until_end`), a thread per direction.
 fn pair(client: TcpStream, to: SocketAddr) -> io::Result<()> {
     let next = TcpStream::connect(to)?;
     client.set_nodelay(true)?;
@@ -61,38 +59,23 @@ fn pair(client: TcpStream, to: SocketAddr) -> io::Result<()> {
     let (client2, next2) = (client.try_clone()?, next.try_clone()?);
     let back = thread::Builder::new()
         .stack_size(STACK)
-        .spawn(move || pump(next2, client2))?;
-    let there = pump(client, next);
+        .spawn(move || relayd::copy_until_end(&next2, &client2))?;
+    let there = relayd::copy_until_end(&client, &next);
     let back = back
         .join()
-        .unwrap_or_else(|_| Err(io::Error::other("the reverse pump panicked")));
-    there.and(back)
-}
-
-/// Copies `from` to `to` until `from` ends, then ends `to`'s write side (a half-close goes
-/// through as one).
-fn pump(mut from: TcpStream, mut to: TcpStream) -> io::Result<()> {
-    let mut buf = vec![0u8; BUF];
-    let result = loop {
-        match from.read(&mut buf) {
-            Ok(0) => break Ok(()),
-            Ok(n) => {
-                if let Err(e) = to.write_all(&buf[..n]) {
-                    break Err(e);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // A peer that resets is an end like any other here.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break Ok(()),
-            Err(e) => break Err(e),
-        }
-    };
-    let _ = to.shutdown(Shutdown::Write);
-    result
+        .unwrap_or_else(|_| Err(io::Error::other("the reverse copy panicked")));
+    match there.and(back) {
+        // A peer that resets is an end like any other here.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(()),
+        r => r.map(drop),
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+    use std::net::Shutdown;
+
     use super::*;
 
     /// An echo service that answers one connection, then ends its write side.

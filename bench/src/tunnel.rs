@@ -688,7 +688,6 @@ service = "bench"
     })
 }
 
-/// A private sshd on a high port and `ssh -N -L` to it.
 /// Three `forward` processes of this binary in a row: client → forward → forward → forward
 /// → service, the shape of Netport's path with nothing but copies in it.
 async fn start_plain_chain(root: &Path, service: SocketAddr) -> Result<Peer> {
@@ -718,6 +717,7 @@ async fn start_plain_chain(root: &Path, service: SocketAddr) -> Result<Peer> {
     })
 }
 
+/// A private sshd on a high port and `ssh -N -L` to it.
 async fn start_ssh(root: &Path, service: SocketAddr) -> Result<Setup> {
     let skip = |reason: String| Ok(Setup::Skipped { name: SSH, reason });
     let Some(sshd) = which("sshd") else {

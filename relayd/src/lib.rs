@@ -17,6 +17,8 @@ mod tcp;
 mod udp;
 pub mod xdp;
 
+pub use tcp::copy_until_end;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -189,22 +189,19 @@ async fn copy(alloc_id: u64, mut a: TcpStream, mut b: TcpStream) -> io::Result<(
     let (a, b) = (a.into_std()?, b.into_std()?);
     a.set_nonblocking(false)?;
     b.set_nonblocking(false)?;
-    let closer = ShutOnDrop([a.try_clone()?, b.try_clone()?]);
-    let (a2, b2) = (a.try_clone()?, b.try_clone()?);
-    let lost = || io::Error::other("a copy thread ended without a result");
-    let (ab, ba) = threads.run((a, b), (b2, a2)).map_err(|_| lost())?;
-    let (ab, ba) = tokio::join!(ab, ba);
-    let (ab, ba) = (ab.map_err(|_| lost())?, ba.map_err(|_| lost())?);
-    drop(closer);
+    let pair = ShutOnDrop(Arc::new([a, b]));
+    let (ab, ba) = tokio::join!(threads.ab.run(&pair.0), threads.ba.run(&pair.0));
+    drop(pair);
     Ok((ab?, ba?))
 }
 
-/// Shuts both sockets down, both ways, when dropped: a thread blocked on either returns.
-struct ShutOnDrop([StdStream; 2]);
+/// A pair's two sockets, shared with its copy threads; shuts both down, both ways, when
+/// dropped, so that a thread blocked on either returns.
+struct ShutOnDrop(Arc<[StdStream; 2]>);
 
 impl Drop for ShutOnDrop {
     fn drop(&mut self) {
-        for s in &self.0 {
+        for s in self.0.iter() {
             let _ = s.shutdown(Shutdown::Both);
         }
     }
@@ -213,63 +210,57 @@ impl Drop for ShutOnDrop {
 /// A pair's two copy threads, started before they are given the sockets, so that a pair
 /// whose second thread cannot start still has its sockets to forward another way.
 struct CopyThreads {
-    ab: Handoff,
-    ba: Handoff,
+    ab: CopyThread,
+    ba: CopyThread,
 }
-
-/// The way to hand a started copy thread its two sockets, and where its result comes back.
-type Handoff = (
-    std::sync::mpsc::SyncSender<(StdStream, StdStream)>,
-    tokio::sync::oneshot::Receiver<io::Result<u64>>,
-);
-
-/// The results of a pair's two copy threads, a to b and b to a.
-type Results = (
-    tokio::sync::oneshot::Receiver<io::Result<u64>>,
-    tokio::sync::oneshot::Receiver<io::Result<u64>>,
-);
 
 impl CopyThreads {
     fn start() -> io::Result<CopyThreads> {
         // If the second cannot start, dropping the first's sender ends the first.
-        let ab = copy_thread("relay-copy-ab")?;
-        let ba = copy_thread("relay-copy-ba")?;
+        let ab = CopyThread::start("relay-copy-ab", 0)?;
+        let ba = CopyThread::start("relay-copy-ba", 1)?;
         Ok(CopyThreads { ab, ba })
     }
+}
 
-    /// Hands each thread its sockets: `(from, to)` for a to b, then for b to a.
-    fn run(
-        self,
-        ab: (StdStream, StdStream),
-        ba: (StdStream, StdStream),
-    ) -> Result<Results, std::sync::mpsc::SendError<(StdStream, StdStream)>> {
-        self.ab.0.send(ab)?;
-        self.ba.0.send(ba)?;
-        Ok((self.ab.1, self.ba.1))
+/// A started thread that waits for its pair, then copies one of its sockets to the other.
+struct CopyThread {
+    give: std::sync::mpsc::SyncSender<Arc<[StdStream; 2]>>,
+    result: tokio::sync::oneshot::Receiver<io::Result<u64>>,
+}
+
+impl CopyThread {
+    /// A thread that will copy socket `from` (0 or 1) of its pair to the other one; it ends
+    /// without a result if it is never given the pair.
+    fn start(name: &str, from: usize) -> io::Result<CopyThread> {
+        let (give, given) = std::sync::mpsc::sync_channel::<Arc<[StdStream; 2]>>(1);
+        let (tx, result) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(name.into())
+            .stack_size(COPY_STACK)
+            .spawn(move || {
+                if let Ok(pair) = given.recv() {
+                    let _ = tx.send(copy_until_end(&pair[from], &pair[1 - from]));
+                }
+            })
+            .map_err(|e| context("starting a copy thread", e))?;
+        Ok(CopyThread { give, result })
+    }
+
+    /// Hands the thread its pair and waits for the bytes it copied.
+    async fn run(self, pair: &Arc<[StdStream; 2]>) -> io::Result<u64> {
+        let lost = || io::Error::other("a copy thread ended without a result");
+        self.give.send(pair.clone()).map_err(|_| lost())?;
+        self.result.await.map_err(|_| lost())?
     }
 }
 
-/// Starts a thread that waits for its `(from, to)` sockets and copies `from` to `to` (see
-/// [`pump`]); it ends without a result if it is never given them.
-fn copy_thread(name: &str) -> io::Result<Handoff> {
-    let (give, given) = std::sync::mpsc::sync_channel::<(StdStream, StdStream)>(1);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name(name.into())
-        .stack_size(COPY_STACK)
-        .spawn(move || {
-            if let Ok((from, to)) = given.recv() {
-                let _ = tx.send(pump(&from, &to));
-            }
-        })
-        .map_err(|e| context("starting a copy thread", e))?;
-    Ok((give, rx))
-}
-
-/// Copies `from` to `to` until `from` ends, then ends `to`'s write side, so a half-close
-/// crosses the relay as one. On an error both sockets are shut down, so that the other
-/// direction ends too (as when either side of `copy_bidirectional` fails).
-fn pump(from: &StdStream, to: &StdStream) -> io::Result<u64> {
+/// Copies `from` to `to` with blocking I/O until `from` ends, then ends `to`'s write side,
+/// so a half-close crosses as one; returns the bytes copied. On an error both sockets are
+/// shut down, so that a thread copying the other direction ends too (as when either side of
+/// `copy_bidirectional` fails). relayd's copy threads run one per direction, and so does
+/// the benchmark's plain forwarder (`netport-bench`'s floor of the tunnel's shape).
+pub fn copy_until_end(from: &StdStream, to: &StdStream) -> io::Result<u64> {
     use std::io::{Read, Write};
     let mut buf = vec![0u8; COPY_BUF];
     let mut total = 0u64;
