@@ -38,11 +38,59 @@ const CLIENT: &str = "laptop";
 const SERVER: &str = "office";
 const BODY: &str = "hello through the Netport tunnel\n";
 
-struct Children(Vec<(String, Child)>);
+/// The relay and portals: name, log file, process.
+struct Children(Vec<(String, PathBuf, Child)>);
+
+/// How long the relay and portals get to stop by themselves before they are killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+impl Children {
+    /// Stops every child as a service manager would: SIGTERM, so each says goodbye to the
+    /// server (a TLS close_notify on its control connection) and exits 0, then SIGKILL for
+    /// any still running after `grace`. Returns, for each child that did not stop cleanly,
+    /// what happened and the end of its log (the logs go with the demo's directory).
+    async fn stop(&mut self, grace: Duration) -> Vec<String> {
+        for (_, _, c) in &self.0 {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut unclean = Vec::new();
+        for (name, log, c) in &mut self.0 {
+            let status = loop {
+                match c.try_wait() {
+                    Ok(Some(status)) => break Some(status),
+                    Ok(None) if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Ok(None) | Err(_) => break None,
+                }
+            };
+            let what = match status {
+                Some(s) if s.success() => continue,
+                Some(s) => format!("{name} {s}"),
+                None => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    format!(
+                        "{name} was still running {} s after SIGTERM",
+                        grace.as_secs()
+                    )
+                }
+            };
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(5)..].join("\n  ");
+            unclean.push(format!("{what}; the end of its log:\n  {tail}"));
+        }
+        self.0.clear();
+        unclean
+    }
+}
 
 impl Drop for Children {
     fn drop(&mut self) {
-        for (_, c) in &mut self.0 {
+        for (_, _, c) in &mut self.0 {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -185,6 +233,7 @@ async fn demo(args: Args) -> Result<()> {
     )?;
     children.0.push((
         "relayd".into(),
+        d.join("relayd.log"),
         spawn(
             &sibling("relayd")?,
             &d.join("relayd.toml"),
@@ -198,13 +247,11 @@ async fn demo(args: Args) -> Result<()> {
             &cfg,
             format!("servers = [\"{}\"]\n{}", args.listen, tls(&files)),
         )?;
+        let log = d.join(format!("portal-{name}.log"));
         children.0.push((
             format!("portal {name}"),
-            spawn(
-                &sibling("portal")?,
-                &cfg,
-                &d.join(format!("portal-{name}.log")),
-            )?,
+            log.clone(),
+            spawn(&sibling("portal")?, &cfg, &log)?,
         ));
     }
 
@@ -256,9 +303,14 @@ async fn demo(args: Args) -> Result<()> {
         );
         netport_common::wait_for_signal().await;
     }
+    // The relay and portals first, while the server still listens: each ends its control
+    // connection cleanly, so the server's log shows departures, not broken connections.
+    let unclean = children.stop(STOP_GRACE).await;
+    for what in unclean {
+        eprintln!("warning: {what}");
+    }
     let _ = stop_tx.send(true);
     let _ = server_task.await;
-    drop(children);
     Ok(())
 }
 
