@@ -3,7 +3,7 @@
 //! ```text
 //! netport-bench gen --portals 10000 --services 1000 --access 10000 --out DIR
 //! netport-bench policy [--portals N] [--services N] [--access N] [--runs N]
-//! netport-bench tunnel [--rounds N] [--peers direct,plain-chain,netport,ssh,stunnel,rathole]
+//! netport-bench tunnel [--rounds N] [--peers direct,plain-chain,netport,ssh,stunnel,rathole,tls-chain,mux-chain]
 //! netport-bench relay-udp [--seconds N] [--sizes 64,1400] [--paths userspace,xdp]
 //! netport-bench relay-tcp [--rounds N] [--mib N] [--paths copy,splice,sockmap]
 //! netport-bench udp-tunnel [--rounds N] [--seconds N] [--sizes 64,1400]
@@ -83,13 +83,17 @@ enum Command {
         #[arg(long)]
         listen: std::net::SocketAddr,
     },
-    /// A plain TCP forwarder, one hop of `tunnel`'s `plain chain` path (internal).
+    /// One hop of `tunnel`'s plain, TLS and yamux chains (internal; src/forward.rs).
     #[command(hide = true)]
     Forward {
         #[arg(long)]
         listen: std::net::SocketAddr,
         #[arg(long)]
         to: std::net::SocketAddr,
+        #[arg(long, value_enum, default_value = "plain")]
+        hop: forward::Hop,
+        #[command(flatten)]
+        tls: forward::HopTls,
     },
 }
 
@@ -187,6 +191,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sessions(args) => sessions::run(args),
         Command::Streams(args) => streams::run(args),
         Command::EchoService { listen } => streams::echo_service(listen),
-        Command::Forward { listen, to } => forward::forward(listen, to),
+        Command::Forward {
+            listen,
+            to,
+            hop,
+            tls,
+        } => forward::forward(listen, to, hop, &tls),
     }
 }

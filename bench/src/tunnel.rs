@@ -70,7 +70,8 @@ pub struct Args {
     /// Idle connections held open for the memory measurement.
     #[arg(long, default_value_t = 1_000)]
     idle: usize,
-    /// Paths to measure, comma-separated (default: all; missing peers are skipped).
+    /// Paths to measure, comma-separated (default: all but the two diagnostic chains,
+    /// `tls-chain` and `mux-chain`, which run only when named; missing peers are skipped).
     #[arg(long, value_delimiter = ',', value_enum)]
     peers: Option<Vec<PeerKind>>,
     /// Where netportd, relayd and portal are (default: next to this binary).
@@ -94,6 +95,12 @@ enum PeerKind {
     Direct,
     /// Three plain forwarders in a row: the shape's floor (forward.rs).
     PlainChain,
+    /// The plain chain with Netport's link TLS and a tokio event loop at the two portal
+    /// positions, a TLS connection per connection (forward.rs; only when named).
+    TlsChain,
+    /// The TLS chain with yamux streams on one link, as a portal carries them (forward.rs;
+    /// only when named).
+    MuxChain,
     Netport,
     Ssh,
     Stunnel,
@@ -534,6 +541,8 @@ enum Setup {
 const NETPORT: &str = "netport";
 const DIRECT: &str = "direct";
 const PLAIN_CHAIN: &str = "plain chain";
+const TLS_CHAIN: &str = "TLS chain";
+const MUX_CHAIN: &str = "yamux chain";
 const SSH: &str = "ssh -L";
 const STUNNEL: &str = "stunnel chain";
 const RATHOLE_TLS: &str = "rathole (TLS)";
@@ -688,32 +697,113 @@ service = "bench"
     })
 }
 
-/// Three `forward` processes of this binary in a row: client → forward → forward → forward
-/// → service, the shape of Netport's path with nothing but copies in it.
-async fn start_plain_chain(root: &Path, service: SocketAddr) -> Result<Peer> {
+/// The chains of `forward` processes, Netport's shape with less in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chain {
+    /// client → forward → forward → forward → service, with nothing but copies in it.
+    Plain,
+    /// Netport's link TLS, a tokio event loop at the two portal positions.
+    Tls,
+    /// The same with yamux streams on one link.
+    Mux,
+}
+
+impl Chain {
+    fn name(self) -> &'static str {
+        match self {
+            Chain::Plain => PLAIN_CHAIN,
+            Chain::Tls => TLS_CHAIN,
+            Chain::Mux => MUX_CHAIN,
+        }
+    }
+
+    /// Its directory, and the prefix of its processes' names.
+    fn dir(self) -> &'static str {
+        match self {
+            Chain::Plain => "plain-chain",
+            Chain::Tls => "tls-chain",
+            Chain::Mux => "mux-chain",
+        }
+    }
+
+    /// The `--hop` of the first and the last process (the portal positions).
+    fn hops(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Chain::Plain => None,
+            Chain::Tls => Some(("tls-out", "tls-in")),
+            Chain::Mux => Some(("mux-out", "mux-in")),
+        }
+    }
+
+    fn note(self) -> &'static str {
+        match self {
+            Chain::Plain => "3 forwarding processes, plain TCP, a thread per direction",
+            Chain::Tls => {
+                "3 forwarding processes: tokio and Netport's link TLS at the portal \
+                 positions, a TLS connection per connection; a plain forwarder in the middle"
+            }
+            Chain::Mux => {
+                "3 forwarding processes: tokio and Netport's link TLS at the portal \
+                 positions, yamux streams on one TLS link; a plain forwarder in the middle"
+            }
+        }
+    }
+}
+
+/// Three `forward` processes of this binary in a row. In the plain chain each copies and
+/// nothing else; in the others the first and last (the portal positions) add a layer of
+/// Netport's, and the middle one stays plain, where relayd copies: what each layer adds.
+async fn start_chain(root: &Path, service: SocketAddr, chain: Chain) -> Result<Peer> {
     let exe = std::env::current_exe().context("locating this binary")?;
-    let dir = root.join("plain-chain");
-    std::fs::create_dir_all(&dir)?;
+    let dir = root.join(chain.dir());
+    let certs = match chain.hops() {
+        Some(_) => Some(Certs::new(&dir)?),
+        None => {
+            std::fs::create_dir_all(&dir)?;
+            None
+        }
+    };
     let base = free_ports(3)?;
     let entries = [local(base), local(base + 1), local(base + 2)];
     let mut procs = Vec::new();
     for (i, listen) in entries.iter().enumerate() {
         let to = entries.get(i + 1).copied().unwrap_or(service);
-        let name = format!("forward-{}", i + 1);
+        let name = match chain {
+            Chain::Plain => format!("forward-{}", i + 1),
+            _ => format!("{}-{}", chain.dir(), i + 1),
+        };
         let mut cmd = Command::new(&exe);
         cmd.arg("forward")
             .arg("--listen")
             .arg(listen.to_string())
             .arg("--to")
             .arg(to.to_string());
+        let hop = match (i, chain.hops()) {
+            (0, Some((out, _))) => Some((out, "hop-out")),
+            (2, Some((_, inn))) => Some((inn, "hop-in")),
+            _ => None,
+        };
+        if let (Some((hop, cert_name)), Some(certs)) = (hop, &certs) {
+            let (cert, _, key) = certs.issue(Role::Portal, cert_name)?;
+            cmd.arg("--hop")
+                .arg(hop)
+                .arg("--cert")
+                .arg(&cert)
+                .arg("--key")
+                .arg(&key)
+                .arg("--ca")
+                .arg(&certs.ca_path)
+                .arg("--peer")
+                .arg("hop-in");
+        }
         procs.push(Proc::spawn(&name, cmd, &dir.join(format!("{name}.log")))?);
     }
     wait_echo(entries[0], Duration::from_secs(10), &mut procs).await?;
     Ok(Peer {
-        name: PLAIN_CHAIN,
+        name: chain.name(),
         entry: entries[0],
         procs,
-        mem_note: "3 forwarding processes, plain TCP, a thread per direction".into(),
+        mem_note: chain.note().into(),
     })
 }
 
@@ -1163,7 +1253,12 @@ fn median(v: &[f64]) -> Option<f64> {
 }
 
 async fn bench(args: &Args, bins: &Path) -> Result<()> {
-    let want = |k: PeerKind| args.peers.as_ref().is_none_or(|p| p.contains(&k));
+    let want = |k: PeerKind| match args.peers.as_ref() {
+        Some(p) => p.contains(&k),
+        // The diagnostic chains only when asked for: they take a run longer and compete
+        // with nothing.
+        None => !matches!(k, PeerKind::TlsChain | PeerKind::MuxChain),
+    };
     if !want(PeerKind::Netport) {
         eprintln!("note: Netport is not among --peers; the goals need it");
     }
@@ -1197,15 +1292,22 @@ async fn bench(args: &Args, bins: &Path) -> Result<()> {
             mem_note: "no process in between".into(),
         }));
     }
-    if want(PeerKind::PlainChain) {
-        let peer = start_plain_chain(&root, service)
-            .await
-            .context("starting the plain chain (3 forwarders)")?;
-        println!(
-            "  {}: this binary's `forward` ({})",
-            peer.name, peer.mem_note
-        );
-        setups.push(Setup::Ready(peer));
+    let chains = [
+        (PeerKind::PlainChain, Chain::Plain),
+        (PeerKind::TlsChain, Chain::Tls),
+        (PeerKind::MuxChain, Chain::Mux),
+    ];
+    for (kind, chain) in chains {
+        if want(kind) {
+            let peer = start_chain(&root, service, chain)
+                .await
+                .with_context(|| format!("starting the {} (3 forwarders)", chain.name()))?;
+            println!(
+                "  {}: this binary's `forward` ({})",
+                peer.name, peer.mem_note
+            );
+            setups.push(Setup::Ready(peer));
+        }
     }
     if want(PeerKind::Netport) {
         let threads = args
@@ -1565,7 +1667,15 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
         return;
     }
     println!("\nNetport against the peers (Netport's figure over the peer's):");
-    for peer in [PLAIN_CHAIN, SSH, STUNNEL, RATHOLE_TLS, RATHOLE_TCP] {
+    for peer in [
+        PLAIN_CHAIN,
+        TLS_CHAIN,
+        MUX_CHAIN,
+        SSH,
+        STUNNEL,
+        RATHOLE_TLS,
+        RATHOLE_TCP,
+    ] {
         if get(peer).is_none() {
             continue;
         }
@@ -1691,6 +1801,24 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
             fmt_opt(ratio(pc_p50, st_p50), |v| format!("{v:.2}")),
             fmt_opt(ratio(n_p50, pc_p50), |v| format!("{v:.2}")),
         );
+    }
+    // The diagnostic chains, when measured: what each layer adds to the floor.
+    let layers = [
+        (
+            TLS_CHAIN,
+            "tokio + Netport's link TLS at the portal positions",
+        ),
+        (MUX_CHAIN, "the same + yamux streams on one link"),
+    ];
+    for (chain, what) in layers {
+        if let Some(p50) = med(chain, |s| &s.p50) {
+            println!(
+                "            the {chain} ({what}): p50 {p50:.1} µs = {} µs over the plain \
+                 chain; Netport {} µs over it",
+                fmt_opt(pc_p50.map(|f| p50 - f), |v| format!("{v:+.1}")),
+                fmt_opt(n_p50.map(|n| n - p50), |v| format!("{v:+.1}")),
+            );
+        }
     }
     let rt_mem = med(RATHOLE_TLS, |s| &s.rss_held);
     match ratio(n_mem, rt_mem) {
