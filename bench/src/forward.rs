@@ -21,11 +21,11 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use netport_proto::identity::{Identity, Role};
 use netport_proto::tls::Credentials;
 use tokio::sync::{mpsc, oneshot};
@@ -65,18 +65,17 @@ pub struct HopTls {
 }
 
 impl HopTls {
+    /// The hop's credentials, loaded and checked as a portal loads its own (`[tls]`).
     fn credentials(&self) -> Result<Credentials> {
-        let read = |p: &Option<PathBuf>, what: &str| -> Result<Vec<u8>> {
-            let p = p
-                .as_ref()
-                .ok_or_else(|| anyhow!("a TLS hop needs --{what}"))?;
-            std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+        let (Some(ca), Some(cert), Some(key)) = (&self.ca, &self.cert, &self.key) else {
+            bail!("a TLS hop needs --cert, --key and --ca");
         };
-        Ok(Credentials::from_pem(
-            &read(&self.cert, "cert")?,
-            &read(&self.key, "key")?,
-            &read(&self.ca, "ca")?,
-        )?)
+        let tls = netport_common::TlsToml {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        tls.load(Path::new(""), Role::Portal)
     }
 }
 
@@ -109,18 +108,15 @@ fn serve_tls(listener: TcpListener, to: SocketAddr, hop: Hop, tls: &HopTls) -> R
         .enable_all()
         .build()?;
     listener.set_nonblocking(true)?;
+    let mux = matches!(hop, Hop::MuxOut | Hop::MuxIn);
+    let outgoing = matches!(hop, Hop::TlsOut | Hop::MuxOut);
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        match hop {
-            Hop::TlsIn | Hop::MuxIn => {
-                let cfg = Arc::new(creds.link_server()?);
-                serve_in(listener, to, cfg, hop == Hop::MuxIn).await
-            }
-            Hop::TlsOut | Hop::MuxOut => {
-                let cfg = Arc::new(creds.link_client(peer()?)?);
-                serve_out(listener, to, cfg, hop == Hop::MuxOut).await
-            }
-            Hop::Plain => Ok(()),
+        if outgoing {
+            let cfg = Arc::new(creds.link_client(peer()?)?);
+            serve_out(listener, to, cfg, mux).await
+        } else {
+            serve_in(listener, to, Arc::new(creds.link_server()?), mux).await
         }
     })
 }

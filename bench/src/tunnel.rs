@@ -37,10 +37,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use clap::ValueEnum as _;
 use netport_proto::identity::Role;
 use netportd::pki::{Ca, IssueRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::forward::Hop;
 
 /// What the issue's goals compare Netport with (figures of the reference machine, for
 /// context when a peer is skipped).
@@ -199,7 +202,7 @@ impl Proc {
                 "{} exited ({status}); end of {}:\n{}",
                 self.name,
                 self.log.display(),
-                log_tail(&self.log, 15)
+                netport_common::log_tail(&self.log, 15)
             );
         }
         Ok(())
@@ -222,12 +225,6 @@ impl Drop for Proc {
                 .status();
         }
     }
-}
-
-pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Parent pid of every process, from /proc/PID/stat.
@@ -462,7 +459,7 @@ pub(crate) async fn wait_echo(
                 "---- {} ({})\n{}\n",
                 p.name,
                 p.log.display(),
-                log_tail(&p.log, 10)
+                netport_common::log_tail(&p.log, 10)
             )
         })
         .collect();
@@ -485,7 +482,7 @@ async fn wait_listening(addr: SocketAddr, within: Duration, proc: &mut Proc) -> 
         "{} does not listen on {addr} after {} s; end of its log:\n{}",
         proc.name,
         within.as_secs(),
-        log_tail(&proc.log, 10)
+        netport_common::log_tail(&proc.log, 10)
     )
 }
 
@@ -727,11 +724,11 @@ impl Chain {
     }
 
     /// The `--hop` of the first and the last process (the portal positions).
-    fn hops(self) -> Option<(&'static str, &'static str)> {
+    fn hops(self) -> Option<(Hop, Hop)> {
         match self {
             Chain::Plain => None,
-            Chain::Tls => Some(("tls-out", "tls-in")),
-            Chain::Mux => Some(("mux-out", "mux-in")),
+            Chain::Tls => Some((Hop::TlsOut, Hop::TlsIn)),
+            Chain::Mux => Some((Hop::MuxOut, Hop::MuxIn)),
         }
     }
 
@@ -785,8 +782,11 @@ async fn start_chain(root: &Path, service: SocketAddr, chain: Chain) -> Result<P
         };
         if let (Some((hop, cert_name)), Some(certs)) = (hop, &certs) {
             let (cert, _, key) = certs.issue(Role::Portal, cert_name)?;
+            let hop = hop
+                .to_possible_value()
+                .context("internal: a hop without a name")?;
             cmd.arg("--hop")
-                .arg(hop)
+                .arg(hop.get_name())
                 .arg("--cert")
                 .arg(&cert)
                 .arg("--key")

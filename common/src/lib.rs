@@ -63,6 +63,14 @@ impl TlsToml {
     }
 }
 
+/// The last `lines` lines of a daemon's log file (empty if it cannot be read), for an error
+/// message about a daemon that failed or would not stop.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// Control server addresses with the name to check on the server certificate for each.
 pub fn servers(list: &[String], server_name: Option<&str>) -> Result<Vec<(String, String)>> {
     if list.is_empty() {

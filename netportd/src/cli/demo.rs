@@ -78,9 +78,7 @@ impl Children {
                     )
                 }
             };
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = lines[lines.len().saturating_sub(5)..].join("\n  ");
+            let tail = netport_common::log_tail(log, 5).replace('\n', "\n  ");
             unclean.push(format!("{what}; the end of its log:\n  {tail}"));
         }
         self.0.clear();
