@@ -97,10 +97,11 @@ where
 /// stream, TLS): while there is nothing to read yet, `w` is flushed, so the peer sees every
 /// byte before this side waits, and a bulk transfer is not flushed after every buffer.
 ///
-/// Every poll here gets the task's own waker. A yamux stream keeps one waker for its read
-/// and write halves' turn at the link (window updates go out from `poll_read`), so a read
-/// polled with any other waker (a "would it block?" probe) can take the place of the write
-/// half's, and the write half, once the link has room, is never woken.
+/// Every poll here gets the task's own waker. A multiplexed stream may keep one waker for
+/// its read and write halves' turn at the link (yamux, which links used before
+/// `portal::mux`, does: window updates go out from `poll_read`), so a read polled with any
+/// other waker (a "would it block?" probe) can take the place of the write half's, and the
+/// write half, once the link has room, is never woken.
 async fn read_or_flush<R, W>(
     r: &mut R,
     w: &mut W,

@@ -6,7 +6,6 @@
 //! through a relay, over TLS end to end, with the peer checked against the identity the server
 //! announced. The serving side opens only the targets the server granted for that link.
 
-mod coalesce;
 pub mod config;
 mod control;
 mod copy;

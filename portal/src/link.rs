@@ -1,7 +1,7 @@
 //! Links between portals: through a relay, TLS end to end, many streams multiplexed: QUIC
 //! through the relay's UDP pair when netportd offers one and it gets through (see `quic`),
-//! else yamux over TLS over its TCP pair. The client portal chooses; the serving portal
-//! waits on both.
+//! else `mux` streams over TLS over its TCP pair. The client portal chooses; the serving
+//! portal waits on both.
 //!
 //! Stream header (client → serving portal, first bytes of each stream): a u16 big-endian
 //! length and the service name. Answer: one byte, [`OPEN_OK`] or a refusal code, then (for a
@@ -36,13 +36,12 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) const OPEN_OK: u8 = 0;
 /// How long the serving portal holds [`OPEN_OK`] back for the service's first bytes. The
-/// client portal needs it only before those bytes, but its yamux opens at most 256 streams
-/// that the serving side has not answered, so it is not held for long.
+/// client portal needs it only before those bytes, so it is not held for long.
 const ANSWER_WAIT: Duration = Duration::from_millis(5);
 const OPEN_NOT_GRANTED: u8 = 1;
 pub(crate) const OPEN_DIAL_FAILED: u8 = 2;
 
-/// How a client link opens streams: yamux over TLS over TCP or QUIC streams to a Rust
+/// How a client link opens streams: `mux` streams over TLS over TCP or QUIC streams to a Rust
 /// portal, V0.1 channels to a legacy one.
 #[derive(Clone, Debug)]
 enum LinkOpener {
@@ -68,7 +67,7 @@ impl LinkOpener {
         }
     }
 
-    /// A new stream on a native (yamux or QUIC) link; for a UDP flow (`flow`) on a QUIC
+    /// A new stream on a native (TCP or QUIC) link; for a UDP flow (`flow`) on a QUIC
     /// link, its datagrams too.
     async fn open(&self, flow: bool) -> Result<(LinkStream, Option<FlowDatagrams>)> {
         match self {

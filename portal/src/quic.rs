@@ -6,7 +6,7 @@
 //! one connection on the serving portal. The handshake is TLS 1.3 with the link's own rustls
 //! configurations (same certificates, same exact-peer-identity check on both sides), ALPN
 //! `netport-quic/1`. Each TCP channel or UDP flow is one bidirectional QUIC stream carrying
-//! the same open header and answer as a yamux stream on a TCP link.
+//! the same open header and answer as a `mux` stream on a TCP link.
 //!
 //! A UDP flow's datagrams travel as QUIC datagrams: the flow's stream index (u32, big
 //! endian) and the payload. A datagram too large for one QUIC packet on the path goes on

@@ -17,6 +17,7 @@
 pub mod control;
 pub mod identity;
 pub mod legacy;
+pub mod mux;
 pub mod relay;
 pub mod tls;
 

@@ -2,8 +2,9 @@
 //!
 //! - Control connections (portal/relay → netportd): mutual TLS against the Netport CA, ALPN
 //!   `netport/1`; the client checks the server certificate against the name it dialled.
-//! - Links (portal ↔ portal through a relay): mutual TLS, ALPN `netport-link/1`; both sides
-//!   accept exactly the peer identity the server announced, whatever the chain says besides.
+//! - Links (portal ↔ portal through a relay): mutual TLS, ALPN `netport-link/2` (streams
+//!   framed by [`crate::mux`]); both sides accept exactly the peer identity the server
+//!   announced, whatever the chain says besides.
 //!   Link certificates carry no DNS name, so the client side uses [`ExactPeerVerifier`]
 //!   instead of host-name checks.
 
@@ -21,8 +22,9 @@ use crate::identity::{self, CertInfo, Identity};
 
 pub mod legacy;
 
-/// ALPN of links between portals.
-pub const LINK_ALPN: &[u8] = b"netport-link/1";
+/// ALPN of links between portals. Version 2: streams framed by [`crate::mux`] (version 1
+/// carried yamux).
+pub const LINK_ALPN: &[u8] = b"netport-link/2";
 /// ALPN of links between portals over QUIC (same certificates and peer checks as
 /// [`LINK_ALPN`]; a distinct name so neither transport's handshake can be mistaken for the other's).
 pub const QUIC_LINK_ALPN: &[u8] = b"netport-quic/1";
