@@ -438,6 +438,21 @@ mod tests {
     }
 
     #[test]
+    fn a_link_from_a_portal_with_the_other_stream_framing_is_refused() -> TestResult {
+        let ca = ca("Netport CA")?;
+        let alice = portal(&ca, "alice")?;
+        let bob = portal(&ca, "bob")?;
+        // A portal from before the link's own multiplexer (yamux, `netport-link/1`).
+        let mut old = alice.link_client(Identity::new(identity::Role::Portal, "bob")?)?;
+        old.alpn_protocols = vec![b"netport-link/1".to_vec()];
+        let err = handshake(old, bob.link_server()?)
+            .err()
+            .ok_or("a link with another stream framing was set up")?;
+        assert!(err.contains("doesn't support any known protocol"), "{err}");
+        Ok(())
+    }
+
+    #[test]
     fn link_refuses_a_peer_from_another_ca() -> TestResult {
         let ours = ca("Netport CA")?;
         let theirs = ca("Other CA")?;
