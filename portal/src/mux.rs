@@ -218,7 +218,9 @@ impl Link {
     /// Sends one frame (header `h` and `body`) through TLS, and as much of TLS's buffer as
     /// the socket takes. Wakers of streams that may write again go to `wake`.
     fn send(&self, st: &mut State, h: [u8; HEADER], body: &[u8], wake: &mut Vec<Waker>) {
-        if st.ended.is_some() {
+        // Nothing follows a close_notify (a stream dropped while its link closes resets
+        // nothing: the link's end ends it).
+        if st.ended.is_some() || st.closing {
             return;
         }
         let mut bufs = [IoSlice::new(&h), IoSlice::new(body)];
