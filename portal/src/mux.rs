@@ -79,9 +79,8 @@ pub struct LinkTls {
     tls: rustls::Connection,
 }
 
-impl From<tokio_rustls::client::TlsStream<TcpStream>> for LinkTls {
-    fn from(s: tokio_rustls::client::TlsStream<TcpStream>) -> LinkTls {
-        let (tcp, tls) = s.into_inner();
+impl<C: Into<rustls::Connection>> From<(TcpStream, C)> for LinkTls {
+    fn from((tcp, tls): (TcpStream, C)) -> LinkTls {
         LinkTls {
             tcp,
             tls: tls.into(),
@@ -89,13 +88,15 @@ impl From<tokio_rustls::client::TlsStream<TcpStream>> for LinkTls {
     }
 }
 
+impl From<tokio_rustls::client::TlsStream<TcpStream>> for LinkTls {
+    fn from(s: tokio_rustls::client::TlsStream<TcpStream>) -> LinkTls {
+        s.into_inner().into()
+    }
+}
+
 impl From<tokio_rustls::server::TlsStream<TcpStream>> for LinkTls {
     fn from(s: tokio_rustls::server::TlsStream<TcpStream>) -> LinkTls {
-        let (tcp, tls) = s.into_inner();
-        LinkTls {
-            tcp,
-            tls: tls.into(),
-        }
+        s.into_inner().into()
     }
 }
 
@@ -697,11 +698,11 @@ impl AsyncRead for MuxStream {
     ) -> Poll<io::Result<()>> {
         let id = self.id;
         self.link.locked(|link, st, wake| {
-            let ended = st.ended.clone();
+            let ended = st.ended.is_some();
             let Some(mut slot) = st.streams.get_mut(&id) else {
                 return Poll::Ready(Err(gone()));
             };
-            if !slot.opened && ended.is_none() {
+            if !slot.opened && !ended {
                 // Read before any write: the peer must hear of the stream to answer on it.
                 slot.opened = true;
                 link.send(st, header(Kind::Open, id, 0), &[], wake);
@@ -721,7 +722,7 @@ impl AsyncRead for MuxStream {
                 if slot.recv.is_empty() && slot.recv.capacity() > 64 * 1024 {
                     slot.recv.shrink_to(0);
                 }
-                if slot.consumed >= slot.window / 2 && !slot.recv_fin && ended.is_none() {
+                if slot.consumed >= slot.window / 2 && !slot.recv_fin && !ended {
                     let mut more = slot.consumed;
                     if slot.last_credit.elapsed() < GROW_WITHIN && slot.window < MAX_WINDOW {
                         let grow = slot.window.min(MAX_WINDOW - slot.window);
@@ -741,8 +742,8 @@ impl AsyncRead for MuxStream {
                 Poll::Ready(Err(gone()))
             } else if slot.recv_fin {
                 Poll::Ready(Ok(()))
-            } else if let Some(why) = ended {
-                Poll::Ready(Err(link_ended(&why)))
+            } else if let Some(why) = &st.ended {
+                Poll::Ready(Err(link_ended(why)))
             } else {
                 slot.reader = Some(cx.waker().clone());
                 Poll::Pending
