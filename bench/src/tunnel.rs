@@ -70,6 +70,10 @@ pub struct Args {
     /// ... and for at most this many seconds.
     #[arg(long, default_value_t = 3.0)]
     conn_secs: f64,
+    /// Clients opening connections at once for the second new-connections figure (the
+    /// path's capacity rather than one connection's set-up time; same limits; 0 skips it).
+    #[arg(long, default_value_t = 8)]
+    conn_clients: usize,
     /// Idle connections held open for the memory measurement.
     #[arg(long, default_value_t = 1_000)]
     idle: usize,
@@ -1155,6 +1159,50 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// New connections per second with `clients` clients each opening, using and closing one
+/// connection after another, until `max` are done or `secs` have passed; and how many.
+async fn conn_rate_with(
+    addr: SocketAddr,
+    clients: usize,
+    max: usize,
+    secs: f64,
+) -> Result<(f64, usize)> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    if clients <= 1 {
+        return conn_rate(addr, max, secs).await;
+    }
+    let limit = Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    // Connections started (each client claims one before it opens it) and finished.
+    let claimed = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let (claimed, finished) = (claimed.clone(), finished.clone());
+        tasks.spawn(async move {
+            while started.elapsed() < limit && claimed.fetch_add(1, Ordering::Relaxed) < max {
+                let s = echo_once(addr, Duration::from_secs(5))
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "a connection of the rate test with {clients} clients (after {})",
+                            finished.load(Ordering::Relaxed)
+                        )
+                    })?;
+                drop(s);
+                finished.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.map_err(|e| anyhow!("a client of the rate test failed: {e}"))??;
+    }
+    let done = finished.load(Ordering::Relaxed);
+    Ok((done as f64 / started.elapsed().as_secs_f64(), done))
+}
+
 /// Sequential connect, 1 byte each way, close: at most `max` or for `secs`. Returns the
 /// rate and the number of connections.
 async fn conn_rate(addr: SocketAddr, max: usize, secs: f64) -> Result<(f64, usize)> {
@@ -1227,6 +1275,8 @@ struct Samples {
     p50: Vec<f64>,
     p99: Vec<f64>,
     cps: Vec<f64>,
+    /// New connections per second with `--conn-clients` clients at once.
+    cps_many: Vec<f64>,
     rss_idle: Vec<f64>,
     rss_held: Vec<f64>,
     breakdown: Vec<(String, u64)>,
@@ -1424,6 +1474,21 @@ async fn bench(args: &Args, bins: &Path) -> Result<()> {
                 }
                 Err(e) => s.errors.push(format!("round {} conn/s: {e:#}", round + 1)),
             }
+            if args.conn_clients > 1 {
+                match conn_rate_with(peer.entry, args.conn_clients, args.conns, args.conn_secs)
+                    .await
+                {
+                    Ok((c, _)) => {
+                        s.cps_many.push(c);
+                        let _ = write!(line, " ({c:.0} ×{})", args.conn_clients);
+                    }
+                    Err(e) => s.errors.push(format!(
+                        "round {} conn/s with {} clients: {e:#}",
+                        round + 1,
+                        args.conn_clients
+                    )),
+                }
+            }
             if !peer.procs.is_empty()
                 && let (Some(rt), Some(conn)) = (cpu_rt, cpu_conn)
             {
@@ -1524,7 +1589,7 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
         args.rounds.max(1)
     );
     println!(
-        "{:<24} {:>12} {:>8} {:>9} {:>9} {:>8} {:>10} {:>8} {:>14} {:>12}",
+        "{:<24} {:>12} {:>8} {:>9} {:>9} {:>8} {:>10} {:>8} {:>11} {:>14} {:>12}",
         "path",
         "bulk Gbit/s",
         "×direct",
@@ -1533,6 +1598,7 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
         "×direct",
         "new conn/s",
         "×direct",
+        format!("{} at once", args.conn_clients),
         format!("RSS {} idle", args.idle),
         "RSS at rest"
     );
@@ -1548,6 +1614,7 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
                 let p50 = med(n, |s| &s.p50);
                 let p99 = med(n, |s| &s.p99);
                 let cps = med(n, |s| &s.cps);
+                let cps_many = med(n, |s| &s.cps_many);
                 let held = med(n, |s| &s.rss_held);
                 let idle = med(n, |s| &s.rss_idle);
                 let mem = if p.procs.is_empty() {
@@ -1559,7 +1626,7 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
                     )
                 };
                 println!(
-                    "{:<24} {:>12} {:>8} {:>9} {:>9} {:>8} {:>10} {:>8} {:>14} {:>12}",
+                    "{:<24} {:>12} {:>8} {:>9} {:>9} {:>8} {:>10} {:>8} {:>11} {:>14} {:>12}",
                     n,
                     fmt_opt(bulk, |v| format!("{v:.2}")),
                     fmt_opt(ratio(bulk, d_bulk), |v| format!("{v:.2}")),
@@ -1568,6 +1635,7 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
                     fmt_opt(ratio(p50, d_p50), |v| format!("{v:.2}")),
                     fmt_opt(cps, thousands),
                     fmt_opt(ratio(cps, d_cps), |v| format!("{v:.3}")),
+                    fmt_opt(cps_many, thousands),
                     mem.0,
                     mem.1,
                 );
@@ -1587,11 +1655,13 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
     };
     for (p, s) in measured() {
         println!(
-            "  {:<24} bulk {} Gbit/s, p50 {} µs, {} conn/s, RSS held {} MiB",
+            "  {:<24} bulk {} Gbit/s, p50 {} µs, {} conn/s ({} with {} clients), RSS held {} MiB",
             p.name,
             range(&s.bulk, 2),
             range(&s.p50, 1),
             range(&s.cps, 0),
+            range(&s.cps_many, 0),
+            args.conn_clients,
             range(&s.rss_held, 1)
         );
     }
@@ -1663,6 +1733,7 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
         np(|s| &s.rss_held),
     );
     let (n_cpu_rt, n_cpu_conn) = (np(|s| &s.cpu_rt), np(|s| &s.cpu_conn));
+    let n_cps_many = np(|s| &s.cps_many);
     if get(NETPORT).is_none() {
         return;
     }
@@ -1680,12 +1751,16 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
             continue;
         }
         println!(
-            "  vs {:<24} bulk ×{}, p50 ×{}, new conn/s ×{}, RSS held ×{}, CPU per round trip \
-             ×{}, CPU per new connection ×{}",
+            "  vs {:<24} bulk ×{}, p50 ×{}, new conn/s ×{} ({} at once ×{}), RSS held ×{}, CPU \
+             per round trip ×{}, CPU per new connection ×{}",
             peer,
             fmt_opt(ratio(n_bulk, med(peer, |s| &s.bulk)), |v| format!("{v:.2}")),
             fmt_opt(ratio(n_p50, med(peer, |s| &s.p50)), |v| format!("{v:.2}")),
             fmt_opt(ratio(n_cps, med(peer, |s| &s.cps)), |v| format!("{v:.2}")),
+            args.conn_clients,
+            fmt_opt(ratio(n_cps_many, med(peer, |s| &s.cps_many)), |v| format!(
+                "{v:.2}"
+            )),
             fmt_opt(ratio(n_mem, med(peer, |s| &s.rss_held)), |v| format!(
                 "{v:.2}"
             )),
@@ -1766,6 +1841,16 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
                 thousands(REF_RATHOLE_PLAIN_CPS)
             ),
         ),
+    }
+    if let (Some(n), Some(r)) = (n_cps_many, med(RATHOLE_TCP, |s| &s.cps_many)) {
+        println!(
+            "            with {} clients at once (capacity, not one connection's set-up time): \
+             {} vs {} conn/s = ×{:.2}",
+            args.conn_clients,
+            thousands(n),
+            thousands(r),
+            n / r
+        );
     }
     if let Some(c) = med(PLAIN_CHAIN, |s| &s.cps) {
         println!(
@@ -1850,7 +1935,24 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
 
 #[cfg(test)]
 mod tests {
-    use super::{cpu_us, stat_cpu_us};
+    use super::{conn_rate_with, cpu_us, start_service, stat_cpu_us};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clients_at_once_make_exactly_the_connections_asked_for() -> anyhow::Result<()> {
+        let service = start_service().await?;
+        for clients in [1, 3, 8] {
+            let (rate, done) = conn_rate_with(service, clients, 50, 60.0).await?;
+            assert_eq!(done, 50, "{clients} clients");
+            assert!(rate > 0.0, "{clients} clients: rate {rate}");
+        }
+        // A path that refuses connections is an error, not a rate.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?
+        };
+        assert!(conn_rate_with(closed, 4, 50, 60.0).await.is_err());
+        Ok(())
+    }
 
     #[test]
     fn cpu_time_is_read_past_a_command_name_with_spaces_and_parentheses() {
