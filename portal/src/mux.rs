@@ -386,12 +386,17 @@ impl Link {
                     if st.ended.is_some() {
                         break;
                     }
+                    let mut drained = false;
                     let n = if first {
                         first = false;
                         0
                     } else {
-                        match self.tcp.try_read(&mut raw) {
-                            Ok(0) => {
+                        match read_some(&self.tcp, &mut raw) {
+                            Ok(Got::Short(n)) => {
+                                drained = true;
+                                n
+                            }
+                            Ok(Got::Full(0)) => {
                                 let why = if st.closing {
                                     "closed by this portal"
                                 } else {
@@ -400,7 +405,7 @@ impl Link {
                                 self.end(&mut st, why.into(), &mut wake);
                                 break;
                             }
-                            Ok(n) => n,
+                            Ok(Got::Full(n)) => n,
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                                 wait = true;
                                 break;
@@ -415,6 +420,10 @@ impl Link {
                         self.take_in(&mut st, &raw[..n], &mut plain, &mut opened, &mut wake)
                     {
                         self.end(&mut st, why, &mut wake);
+                    }
+                    if drained {
+                        wait = true;
+                        break;
                     }
                 }
             }
@@ -661,6 +670,37 @@ pub async fn server(tls: impl Into<LinkTls>, serve: impl FnMut(MuxStream)) -> St
     // However this ends (the task may be aborted), the socket closes with it.
     let _end = EndOnDrop(link.clone());
     link.read_loop(serve).await
+}
+
+/// What a read from a link's socket got.
+enum Got {
+    /// As much as the buffer holds (0: the peer closed).
+    Full(usize),
+    /// Less than the buffer holds: the socket had no more.
+    Short(usize),
+}
+
+/// Reads from `tcp` without waiting. TCP hands over everything it holds up to the buffer's
+/// size, so a read that does not fill `buf` has drained the socket: the socket's readiness is
+/// cleared then, as tokio's own reads do, and the next read waits for the next segment
+/// instead of costing a system call that finds nothing (one per wake-up of the link's
+/// reader). A segment that arrives after the read marks the socket ready again.
+fn read_some(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<Got> {
+    let mut short = None;
+    let r = tcp.try_io(tokio::io::Interest::READABLE, || {
+        let n = (&*socket2::SockRef::from(tcp)).read(&mut *buf)?;
+        if n > 0 && n < buf.len() {
+            short = Some(n);
+            // Tells tokio the socket is drained.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (r, short) {
+        (_, Some(n)) => Ok(Got::Short(n)),
+        (Ok(n), None) => Ok(Got::Full(n)),
+        (Err(e), None) => Err(e),
+    }
 }
 
 /// Ends a link when dropped.
