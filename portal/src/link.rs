@@ -359,8 +359,10 @@ async fn open_channel_with(
     if let Some(tcp) = client {
         let at = header.len();
         header.resize(at + room, 0);
-        early = match tcp.try_read(&mut header[at..]) {
-            Ok(n) => n,
+        // A short read leaves the socket marked drained: the copy's first read then waits
+        // for the client's next bytes instead of finding nothing.
+        early = match mux::read_some(tcp, &mut header[at..]) {
+            Ok(mux::Got::Full(n) | mux::Got::Short(n)) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(e.into()),
         };

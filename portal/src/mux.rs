@@ -672,8 +672,8 @@ pub async fn server(tls: impl Into<LinkTls>, serve: impl FnMut(MuxStream)) -> St
     link.read_loop(serve).await
 }
 
-/// What a read from a link's socket got.
-enum Got {
+/// What a read from a socket got.
+pub(crate) enum Got {
     /// As much as the buffer holds (0: the peer closed).
     Full(usize),
     /// Less than the buffer holds: the socket had no more.
@@ -685,7 +685,7 @@ enum Got {
 /// cleared then, as tokio's own reads do, and the next read waits for the next segment
 /// instead of costing a system call that finds nothing (one per wake-up of the link's
 /// reader). A segment that arrives after the read marks the socket ready again.
-fn read_some(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<Got> {
+pub(crate) fn read_some(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<Got> {
     let mut short = None;
     let r = tcp.try_io(tokio::io::Interest::READABLE, || {
         let n = (&*socket2::SockRef::from(tcp)).read(&mut *buf)?;
