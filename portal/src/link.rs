@@ -208,6 +208,8 @@ pub async fn carry(
     mut tcp: TcpStream,
     from: std::net::SocketAddr,
 ) -> Result<()> {
+    // Linux gives an accepted socket its listener's TCP_NODELAY (set in `listeners`).
+    #[cfg(not(target_os = "linux"))]
     let _ = tcp.set_nodelay(true);
     let started = std::time::Instant::now();
     // The stream's header goes out with the client's first bytes, without waiting for the

@@ -126,6 +126,11 @@ async fn listen(portal: Arc<Portal>, spec: ListenerSpec, stop: CancellationToken
             return;
         }
     };
+    // Connections accepted from it inherit TCP_NODELAY (Linux copies it to each accepted
+    // socket): no system call per connection for it.
+    if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
+        tracing::debug!(listen = %spec.listen, "TCP_NODELAY on the listening socket: {e}");
+    }
     tracing::info!(access = %spec.access, listen = %spec.listen, service = %spec.service, "listening");
     // Connections live in this task's set: closing the listener (aborting this task) closes
     // every connection that came through it.
@@ -157,4 +162,19 @@ async fn listen(portal: Arc<Portal>, spec: ListenerSpec, stop: CancellationToken
         tracing::info!(access = %spec.access, open = conns.len(), "listener closed; draining its connections");
     }
     while conns.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    /// `carry` relies on it: on Linux an accepted socket has its listener's TCP_NODELAY.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listeners_nodelay() -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
+        let _client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+        let (accepted, _) = listener.accept().await?;
+        assert!(accepted.nodelay()?);
+        Ok(())
+    }
 }
