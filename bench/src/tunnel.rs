@@ -33,7 +33,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -1159,64 +1160,65 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// New connections per second with `clients` clients each opening, using and closing one
-/// connection after another, until `max` are done or `secs` have passed; and how many.
-async fn conn_rate_with(
+/// New connections per second, each connected, used for 1 byte each way and closed, by
+/// `clients` clients each opening its next connection when its last one is closed (one client:
+/// one connection's set-up time, sequentially; several: the path's capacity), until `max`
+/// are done or `secs` have passed. Returns the rate and the number of connections.
+async fn conn_rate(
     addr: SocketAddr,
     clients: usize,
     max: usize,
     secs: f64,
 ) -> Result<(f64, usize)> {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    let counts = Arc::new(ConnCounts {
+        started: Instant::now(),
+        limit: Duration::from_secs_f64(secs),
+        max,
+        claimed: AtomicUsize::new(0),
+        finished: AtomicUsize::new(0),
+    });
     if clients <= 1 {
-        return conn_rate(addr, max, secs).await;
+        // On the calling task: one client is the measuring task itself.
+        rate_client(addr, &counts).await?;
+    } else {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..clients {
+            let counts = counts.clone();
+            tasks.spawn(async move { rate_client(addr, &counts).await });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.map_err(|e| anyhow!("a client of the rate test failed: {e}"))??;
+        }
     }
-    let limit = Duration::from_secs_f64(secs);
-    let started = Instant::now();
-    // Connections started (each client claims one before it opens it) and finished.
-    let claimed = Arc::new(AtomicUsize::new(0));
-    let finished = Arc::new(AtomicUsize::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..clients {
-        let (claimed, finished) = (claimed.clone(), finished.clone());
-        tasks.spawn(async move {
-            while started.elapsed() < limit && claimed.fetch_add(1, Ordering::Relaxed) < max {
-                let s = echo_once(addr, Duration::from_secs(5))
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "a connection of the rate test with {clients} clients (after {})",
-                            finished.load(Ordering::Relaxed)
-                        )
-                    })?;
-                drop(s);
-                finished.fetch_add(1, Ordering::Relaxed);
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r.map_err(|e| anyhow!("a client of the rate test failed: {e}"))??;
-    }
-    let done = finished.load(Ordering::Relaxed);
-    Ok((done as f64 / started.elapsed().as_secs_f64(), done))
+    let done = counts.finished.load(Ordering::Relaxed);
+    Ok((done as f64 / counts.started.elapsed().as_secs_f64(), done))
 }
 
-/// Sequential connect, 1 byte each way, close: at most `max` or for `secs`. Returns the
-/// rate and the number of connections.
-async fn conn_rate(addr: SocketAddr, max: usize, secs: f64) -> Result<(f64, usize)> {
-    let limit = Duration::from_secs_f64(secs);
-    let started = Instant::now();
-    let mut done = 0usize;
-    while done < max && started.elapsed() < limit {
+/// What the clients of one [`conn_rate`] measurement share.
+struct ConnCounts {
+    started: Instant,
+    limit: Duration,
+    max: usize,
+    /// Connections started (a client claims one before it opens it) and finished.
+    claimed: AtomicUsize,
+    finished: AtomicUsize,
+}
+
+/// One client of [`conn_rate`]: connections one after another until the limits.
+async fn rate_client(addr: SocketAddr, c: &ConnCounts) -> Result<()> {
+    while c.started.elapsed() < c.limit && c.claimed.fetch_add(1, Ordering::Relaxed) < c.max {
         let s = echo_once(addr, Duration::from_secs(5))
             .await
-            .with_context(|| format!("connection {} of the rate test", done + 1))?;
+            .with_context(|| {
+                format!(
+                    "connection {} of the rate test",
+                    c.finished.load(Ordering::Relaxed) + 1
+                )
+            })?;
         drop(s);
-        done += 1;
+        c.finished.fetch_add(1, Ordering::Relaxed);
     }
-    Ok((done as f64 / started.elapsed().as_secs_f64(), done))
+    Ok(())
 }
 
 /// RSS (KiB) of the path's processes before and while `n` idle connections are open, and
@@ -1466,7 +1468,7 @@ async fn bench(args: &Args, bins: &Path) -> Result<()> {
             }
             let cpu_before = peer.cpu();
             let mut cpu_conn = None;
-            match conn_rate(peer.entry, args.conns, args.conn_secs).await {
+            match conn_rate(peer.entry, 1, args.conns, args.conn_secs).await {
                 Ok((c, done)) => {
                     s.cps.push(c);
                     let _ = write!(line, "  {c:8.0} conn/s");
@@ -1475,9 +1477,7 @@ async fn bench(args: &Args, bins: &Path) -> Result<()> {
                 Err(e) => s.errors.push(format!("round {} conn/s: {e:#}", round + 1)),
             }
             if args.conn_clients > 1 {
-                match conn_rate_with(peer.entry, args.conn_clients, args.conns, args.conn_secs)
-                    .await
-                {
+                match conn_rate(peer.entry, args.conn_clients, args.conns, args.conn_secs).await {
                     Ok((c, _)) => {
                         s.cps_many.push(c);
                         let _ = write!(line, " ({c:.0} ×{})", args.conn_clients);
@@ -1935,13 +1935,13 @@ fn report(args: &Args, setups: &[Setup], samples: &HashMap<&'static str, Samples
 
 #[cfg(test)]
 mod tests {
-    use super::{conn_rate_with, cpu_us, start_service, stat_cpu_us};
+    use super::{conn_rate, cpu_us, start_service, stat_cpu_us};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn clients_at_once_make_exactly_the_connections_asked_for() -> anyhow::Result<()> {
         let service = start_service().await?;
         for clients in [1, 3, 8] {
-            let (rate, done) = conn_rate_with(service, clients, 50, 60.0).await?;
+            let (rate, done) = conn_rate(service, clients, 50, 60.0).await?;
             assert_eq!(done, 50, "{clients} clients");
             assert!(rate > 0.0, "{clients} clients: rate {rate}");
         }
@@ -1950,7 +1950,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
             l.local_addr()?
         };
-        assert!(conn_rate_with(closed, 4, 50, 60.0).await.is_err());
+        assert!(conn_rate(closed, 4, 50, 60.0).await.is_err());
         Ok(())
     }
 

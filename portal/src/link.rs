@@ -364,7 +364,7 @@ async fn open_channel_with(
         // A short read leaves the socket marked drained: the copy's first read then waits
         // for the client's next bytes instead of finding nothing.
         early = match mux::read_some(tcp, &mut header[at..]) {
-            Ok(mux::Got::Full(n) | mux::Got::Short(n)) => n,
+            Ok((n, _)) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(e.into()),
         };

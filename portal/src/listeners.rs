@@ -129,7 +129,7 @@ async fn listen(portal: Arc<Portal>, spec: ListenerSpec, stop: CancellationToken
     // Connections accepted from it inherit TCP_NODELAY (Linux copies it to each accepted
     // socket): no system call per connection for it.
     if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
-        tracing::debug!(listen = %spec.listen, "TCP_NODELAY on the listening socket: {e}");
+        tracing::warn!(listen = %spec.listen, "cannot set TCP_NODELAY on the listening socket (small writes may wait for Nagle's algorithm): {e}");
     }
     tracing::info!(access = %spec.access, listen = %spec.listen, service = %spec.service, "listening");
     // Connections live in this task's set: closing the listener (aborting this task) closes

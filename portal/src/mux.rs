@@ -386,17 +386,12 @@ impl Link {
                     if st.ended.is_some() {
                         break;
                     }
-                    let mut drained = false;
-                    let n = if first {
+                    let (n, drained) = if first {
                         first = false;
-                        0
+                        (0, false)
                     } else {
                         match read_some(&self.tcp, &mut raw) {
-                            Ok(Got::Short(n)) => {
-                                drained = true;
-                                n
-                            }
-                            Ok(Got::Full(0)) => {
+                            Ok((0, _)) => {
                                 let why = if st.closing {
                                     "closed by this portal"
                                 } else {
@@ -405,7 +400,7 @@ impl Link {
                                 self.end(&mut st, why.into(), &mut wake);
                                 break;
                             }
-                            Ok(Got::Full(n)) => n,
+                            Ok(read) => read,
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                                 wait = true;
                                 break;
@@ -672,20 +667,13 @@ pub async fn server(tls: impl Into<LinkTls>, serve: impl FnMut(MuxStream)) -> St
     link.read_loop(serve).await
 }
 
-/// What a read from a socket got.
-pub(crate) enum Got {
-    /// As much as the buffer holds (0: the peer closed).
-    Full(usize),
-    /// Less than the buffer holds: the socket had no more.
-    Short(usize),
-}
-
-/// Reads from `tcp` without waiting. TCP hands over everything it holds up to the buffer's
+/// Reads from `tcp` without waiting; returns the bytes read (0: the peer closed) and whether
+/// they drained the socket. TCP hands over everything it holds up to the buffer's
 /// size, so a read that does not fill `buf` has drained the socket: the socket's readiness is
 /// cleared then, as tokio's own reads do, and the next read waits for the next segment
 /// instead of costing a system call that finds nothing (one per wake-up of the link's
 /// reader). A segment that arrives after the read marks the socket ready again.
-pub(crate) fn read_some(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<Got> {
+pub(crate) fn read_some(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, bool)> {
     let mut short = None;
     let r = tcp.try_io(tokio::io::Interest::READABLE, || {
         let n = (&*socket2::SockRef::from(tcp)).read(&mut *buf)?;
@@ -697,9 +685,8 @@ pub(crate) fn read_some(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<Got> {
         Ok(n)
     });
     match (r, short) {
-        (_, Some(n)) => Ok(Got::Short(n)),
-        (Ok(n), None) => Ok(Got::Full(n)),
-        (Err(e), None) => Err(e),
+        (_, Some(n)) => Ok((n, true)),
+        (r, None) => r.map(|n| (n, false)),
     }
 }
 
